@@ -1,0 +1,307 @@
+"""Backbone specs: one string names any feature extractor, built only through ``timm.create_model``.
+
+Grammar: ``SPEC[:key=value,key=value...]``. The suffix passes keyword arguments to ``timm.create_model``
+(``img_size``, ``patch_size``, ``depth``, ...) except three of ours: ``arch`` (the timm architecture of a
+foreign weights file), ``seed`` (random init) and ``size`` (pixels).
+
+- ``pixels`` / ``pixels:SIZE`` -- the image resized to SIZE x SIZE (default 32), flattened: the raw baseline;
+- a timm name, e.g. ``vit_tiny_patch16_224:img_size=32,patch_size=8`` -- random init (seeded): a baseline;
+- ``weights.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` -- local weights (``.pth`` read with
+  ``weights_only=True``); common layouts (``teacher``, ``student``, ``model``, ``state_dict`` and ``module.`` /
+  ``backbone.`` prefixes) are unwrapped; the architecture comes from our metadata or ``:arch=NAME``;
+- a run folder written by ``fewshot pretrain`` (it holds ``backbone.safetensors``);
+- ``hf-hub:owner/name`` -- pretrained weights through timm's hub loader (needs the network once).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fewshot.errors import FewshotError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_OURS = ("arch", "seed", "size")
+_WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state", "module", "net", "network")
+_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    kind: str  # pixels | timm | weights | run | hub
+    name: str  # timm architecture (or hf-hub:...); "pixels" for the baseline
+    path: Path | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # for timm.create_model
+    seed: int = 0
+    size: int = 32
+
+
+def parse_spec(spec: str) -> BackboneSpec:
+    """Parse a backbone spec string (see the module docstring); raise one line on nonsense."""
+    spec = spec.strip()
+    if not spec:
+        raise FewshotError("empty backbone spec; pass e.g. pixels, vit_small_patch16_224 or a run folder")
+    base, options = _split_options(spec)
+    seed = int(options.pop("seed", 0))
+    if base == "pixels":
+        size = int(options.pop("size", options.pop("_positional", 32)))
+        if options or size < 1:
+            raise FewshotError(f"backbone '{spec}': pixels takes only a size, e.g. pixels:32")
+        return BackboneSpec("pixels", "pixels", size=size)
+    if "_positional" in options:
+        raise FewshotError(f"backbone '{spec}': write options as key=value, e.g. {base}:img_size=64")
+    arch = options.pop("arch", None)
+    if base.startswith("hf-hub:") or base.startswith("timm/"):
+        return BackboneSpec("hub", base if base.startswith("hf-hub:") else f"hf-hub:{base}", None, options, seed)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        weights = path / "backbone.safetensors"
+        if not weights.is_file():
+            raise FewshotError(
+                f"backbone folder '{base}' has no backbone.safetensors; pass a finished `fewshot pretrain` run folder"
+            )
+        return BackboneSpec("run", arch or "", weights, options, seed)
+    if path.suffix.lower() in WEIGHT_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FewshotError(f"weights file '{base}' does not exist; check the path")
+        return BackboneSpec("weights", arch or "", path, options, seed)
+    import timm
+
+    if not timm.is_model(base):
+        close = timm.list_models(f"*{base.split('_')[0]}*")[:5] if base else []
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise FewshotError(
+            f"backbone '{base}' is not a file, a run folder or a timm model{hint}; see `timm.list_models()`"
+        )
+    return BackboneSpec("timm", base, None, options, seed)
+
+
+def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """'vit_x:img_size=32,depth=2' -> ('vit_x', {'img_size': 32, 'depth': 2}); 'pixels:64' -> positional."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head or Path(spec).exists() or head in ("hf-hub",):
+        return spec, {}
+    if re.fullmatch(r"\d+", tail):
+        return head, {"_positional": int(tail)}
+    if not re.fullmatch(r"\w+=[^,=]+(,\w+=[^,=]+)*", tail):
+        return spec, {}
+    options: dict[str, Any] = {}
+    for pair in tail.split(","):
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return head, options
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class Backbone:
+    """A ready-to-run feature extractor: the timm model (None for pixels) and its eval transform."""
+
+    spec: str
+    model: Any  # torch.nn.Module | None
+    transform: Callable[[Any], Any]  # PIL RGB image -> (3, H, W) float tensor
+    transform_desc: str
+    weights_sha256: str
+    architecture: str
+    model_kwargs: dict[str, Any]
+    load_report: str = ""  # missing / unexpected keys when weights were loaded
+
+
+def load_backbone(spec: str) -> Backbone:
+    """Build the backbone a spec names, on the CPU, in eval mode."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "pixels":
+        return _pixels(spec, parsed.size)
+    import timm
+    import torch
+
+    data_cfg: dict[str, Any] | None = None
+    report = ""
+    if parsed.kind == "timm":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(parsed.seed)  # the random-init baseline is reproducible
+            model = _create(parsed.name, parsed.kwargs)
+        sha = "random-init:" + _state_sha256(model)
+        data_cfg = {"crop_pct": 1.0}  # no pretrained eval protocol to follow: keep the whole image
+    elif parsed.kind == "hub":
+        try:
+            model = timm.create_model(parsed.name, pretrained=True, num_classes=0, **parsed.kwargs)
+        except Exception as exc:  # network, unknown repo, auth: one line for the user
+            raise FewshotError(f"cannot load '{parsed.name}' from the Hugging Face hub ({exc})") from None
+        sha = "hub:" + _state_sha256(model)
+    else:
+        assert parsed.path is not None
+        state, meta = read_weights(parsed.path)
+        arch = parsed.name or meta.get("architecture", "")
+        if not arch:
+            raise FewshotError(
+                f"'{parsed.path}' does not say which architecture it holds; add :arch=<timm name>, "
+                f"e.g. {parsed.path}:arch=vit_small_patch16_224"
+            )
+        kwargs = {**json.loads(meta.get("model_kwargs", "{}")), **parsed.kwargs}
+        model = _create(arch, kwargs)
+        report = load_state(model, state, str(parsed.path))
+        parsed = BackboneSpec(parsed.kind, arch, parsed.path, kwargs, parsed.seed)
+        sha = file_sha256(parsed.path)  # type: ignore[arg-type]  # set for weights and runs
+        data_cfg = {k: json.loads(meta[k]) for k in ("mean", "std", "crop_pct", "interpolation") if k in meta}
+    model.eval()
+    transform, desc = _timm_transform(model, data_cfg)
+    return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report)
+
+
+def _create(arch: str, kwargs: dict[str, Any]) -> Any:
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise FewshotError(f"timm cannot build '{arch}' with {kwargs} ({exc}); check the spec's options") from None
+
+
+def _timm_transform(model: Any, overrides: dict[str, Any] | None) -> tuple[Callable[[Any], Any], str]:
+    """timm's eval transform for the model; the input size follows the model's actual patch-embed size."""
+    import timm.data
+
+    cfg = dict(timm.data.resolve_model_data_config(model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # resolve_model_data_config reports the pretrained size, not an img_size override
+        cfg["input_size"] = (3, int(img_size[0]), int(img_size[1]))
+    cfg.update(overrides or {})
+    for key in ("mean", "std"):
+        cfg[key] = tuple(float(v) for v in cfg[key])
+    keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    cfg = {k: cfg[k] for k in keep if k in cfg}
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    return transform, json.dumps(cfg, sort_keys=True)
+
+
+def _pixels(spec: str, size: int) -> Backbone:
+    import torch
+    from torchvision.transforms import v2
+
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    desc = json.dumps({"input_size": [3, size, size], "interpolation": "bilinear", "scale": "0..1"}, sort_keys=True)
+    return Backbone(spec, None, transform, desc, "none", "pixels", {"size": size})
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and string metadata from a weights file, never executing pickled code."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (SafetensorError, OSError) as exc:
+            raise FewshotError(f"'{path}' is not a readable safetensors file ({exc})") from None
+        return state, meta
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FewshotError(
+            f"refusing to load '{path}': it holds pickled objects other than tensors, which could run code "
+            f"({first[:120]}); convert it to safetensors with a trusted tool first"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise FewshotError(f"'{path}' is not a readable PyTorch checkpoint ({exc})") from None
+    return unwrap_state_dict(obj, path), {}
+
+
+def unwrap_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, Any]:
+    """Find the backbone's state dict inside common checkpoint layouts and strip wrapper prefixes."""
+    import torch
+
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise FewshotError(f"no tensors found in '{path}' (top-level keys: {list(obj)[:8]}); is it a checkpoint?")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise FewshotError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        state[key] = value
+    return state
+
+
+def load_state(model: Any, state: dict[str, Any], where: str) -> str:
+    """Load ``state`` into ``model`` (non-strict); return a one-line report of missing/unexpected keys."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):
+        state = checkpoint_filter_fn(state, model)  # e.g. interpolates position embeddings to the model's size
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        raise FewshotError(
+            f"weights in '{where}' do not fit this architecture: {k} is {tuple(state[k].shape)} in the file but "
+            f"{tuple(own[k].shape)} in the model ({len(bad)} mismatched); pick the matching :arch= and options"
+        )
+    result = model.load_state_dict(state, strict=False)
+    missing = list(result.missing_keys)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]  # projection heads are expected
+    if len(missing) > len(own) // 2:
+        raise FewshotError(
+            f"weights in '{where}' match almost nothing in the model ({len(missing)} of {len(own)} tensors missing, "
+            f"e.g. {missing[:3]}); is this the right architecture?"
+        )
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
+        )
+    return "; ".join(parts)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_sha256(model: Any) -> str:
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,248 @@
+"""The ``fewshot`` command line: a thin Typer layer over the library.
+
+Each command parses its options, resolves one config (defaults < --recipe < --set < explicit flags), calls
+one library function and prints a summary. torch and timm are imported inside the commands, so ``--help``
+answers at once. User errors (:class:`fewshot.errors.FewshotError`) print as one line, in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fewshot.errors import FewshotError
+
+app = typer.Typer(
+    name="fewshot",
+    help="Self-supervised ViTs on your own unlabeled images, then honest few-shot classification.\n\n"
+    "Quick start: fewshot demo",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ---------------------------------------------------------------------------------------------- shared options
+
+BACKBONE_HELP = (
+    "Backbone spec: `pixels[:SIZE]`, a timm name with optional timm kwargs "
+    "(`vit_tiny_patch16_224:img_size=64,patch_size=8`), a weights file (`.safetensors`/`.pth`, add `:arch=NAME` "
+    "if it doesn't say), a `fewshot pretrain` run folder, or `hf-hub:owner/name`."
+)
+Backbone = Annotated[str | None, typer.Option("--backbone", "-b", help=BACKBONE_HELP, show_default=False)]
+Backbones = Annotated[
+    list[str] | None, typer.Option("--backbone", "-b", help=BACKBONE_HELP + " Repeat to compare.", show_default=False)
+]
+Pool = Annotated[str | None, typer.Option("--pool", help="Token pooling: cls, avg, cls+avg or lastN (e.g. last4).")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", "-r", help="TOML recipe with config sections.")]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key, e.g. `--set heads.knn.k=10` (repeat).")
+]
+Device = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the support sampling (and of the head).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Data = Annotated[
+    str,
+    typer.Argument(
+        help="Images: a folder (recursive), an ImageFolder (class subfolders), a CSV manifest (path,label), "
+        "a Hugging Face save_to_disk/imagefolder directory, or hf:owner/name[:split].",
+        show_default=False,
+    ),
+]
+
+
+def command(fn: F) -> F:
+    """Register ``fn`` as a command; format user errors as one line (the only place that does)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FewshotError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    app.command()(wrapper)
+    return fn
+
+
+def _config(recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], base: Any = None) -> Any:
+    from fewshot.config import build_config
+
+    return build_config(recipe, sets or (), flags, base=base)
+
+
+def _echo_skips(skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        from fewshot.sources import summarize_skips
+
+        typer.secho(summarize_skips(skipped), fg=typer.colors.YELLOW)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@command
+def extract(
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    backbone: Backbone = None,
+    pool: Pool = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Compute frozen features of every image and save them as safetensors (cached for reuse).
+
+    Example: `fewshot extract data/train --backbone runs/dino --pool cls --out train.safetensors`
+    """
+    from fewshot.features import extract as run
+
+    flags = {"extract.backbone": backbone, "extract.pool": pool, "extract.batch_size": batch_size}
+    cfg = _config(recipe, set_, {**flags, "extract.device": device})
+    feats = run(data, out=out, cfg=cfg, progress=not quiet)
+    _echo_skips(feats.skipped)
+    n, d = feats.features.shape
+    typer.echo(f"{n} images -> {n}x{d} features ({len(feats.classes)} classes) written to {out}")
+
+
+@command
+def probe(
+    train: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fitted head.")],
+    backbone: Backbone = None,
+    shots: Annotated[int | None, typer.Option("--shots", "-k", help="Labels per class (default: all).")] = None,
+    head: Annotated[str | None, typer.Option("--head", help="knn, logreg, prototype or linear.")] = None,
+    test: Annotated[str | None, typer.Option("--test", help="Labelled images to score the head on.")] = None,
+    seed: Seed = None,
+    pool: Pool = None,
+    device: Device = None,
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fit a few-shot head on K labels per class of TRAIN and save it.
+
+    Example: `fewshot probe data/train --backbone runs/dino --shots 5 --head logreg --test data/test --out head/`
+    """
+    from fewshot.probing import probe as run
+
+    flags: dict[str, Any] = {"extract.backbone": backbone, "extract.pool": pool, "extract.device": device}
+    flags |= {"probe.shots": shots, "probe.head": head, "probe.seed": seed}
+    cfg = _config(recipe, set_, flags)
+    summary = run(train, out, test=test, cfg=cfg, progress=not quiet)
+    _echo_skips(summary["skipped_train"] + summary.get("skipped_test", []))
+    extra = f", C={summary['C']:g}" if "C" in summary else ""
+    typer.echo(
+        f"{summary['head']} head on {summary['support_size']} labelled images "
+        f"({len(summary['classes'])} classes{extra}) saved to {out}"
+    )
+    if "accuracy" in summary:
+        typer.echo(
+            f"test accuracy {summary['accuracy']:.4f}, balanced {summary['balanced_accuracy']:.4f} "
+            f"on {summary['test_size']} images"
+        )
+
+
+@command
+def predict(
+    images: Data,
+    head: Annotated[Path, typer.Option("--head", help="Folder written by `fewshot probe`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file: path,label,score.")] = Path("predictions.csv"),
+    quiet: Quiet = False,
+) -> None:
+    """Label new images with a saved head; writes path,label,score.
+
+    Example: `fewshot predict new_images/ --head head/ --out predictions.csv`
+    """
+    from fewshot.probing import predict as run
+
+    result = run(images, head, out, progress=not quiet)
+    _echo_skips(result["skipped"])
+    typer.echo(f"{len(result['predictions'])} predictions written to {out}")
+
+
+@command
+def evaluate(
+    train: Data,
+    test: Annotated[str, typer.Argument(help="Labelled test images (same classes as TRAIN).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json/.md and the plot.")] = Path(
+        "evaluation"
+    ),
+    backbone: Backbones = None,
+    shots: Annotated[str | None, typer.Option("--shots", help="Shot counts, e.g. 1,2,5,10.")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Supports drawn per shot count.")] = None,
+    heads: Annotated[str | None, typer.Option("--heads", help="e.g. knn,logreg,prototype,linear.")] = None,
+    seed: Seed = None,
+    pool: Pool = None,
+    device: Device = None,
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Few-shot accuracy with 95% CIs: backbones x heads x shots x seeds, a report and a plot.
+
+    Example: `fewshot evaluate data/train data/test -b pixels -b vit_small_patch16_224 -b runs/dino --out eval/`
+    """
+    from fewshot.evaluation import evaluate as run
+
+    flags: dict[str, Any] = {
+        "evaluate.shots": shots,
+        "evaluate.seeds": seeds,
+        "evaluate.heads": heads,
+        "evaluate.seed": seed,
+    }
+    flags |= {"evaluate.backbones": backbone or None, "extract.pool": pool, "extract.device": device}
+    cfg = _config(recipe, set_, flags)
+    report = run(train, test, cfg=cfg, out=out, progress=not quiet)
+    _print_report(report, out)
+
+
+@command
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo data and report.")] = Path("demo"),
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run the main job on scikit-learn's bundled digits (1,797 real images, no download).
+
+    Example: `fewshot demo --out demo/`
+    """
+    from fewshot.config import Config, EvaluateConfig
+    from fewshot.demo import DEMO_BACKBONES, run_demo
+
+    cfg = _config(recipe, set_, {}, base=Config(evaluate=EvaluateConfig(backbones=DEMO_BACKBONES)))
+    report = run_demo(out, cfg=cfg, progress=not quiet)
+    _print_report(report, out / "evaluation")
+
+
+def _print_report(report: dict[str, Any], out: Path) -> None:
+    _echo_skips(report.get("skipped", []))
+    results = report["results"]
+    largest = max(r["shots"] for r in results)
+    typer.echo(f"{largest}-shot accuracy (mean ± 95% CI over {results[0]['seeds']} seeds):")
+    for r in sorted((r for r in results if r["shots"] == largest), key=lambda r: -r["accuracy"]):
+        typer.echo(f"  {r['backbone']:<48} {r['head']:<10} {r['accuracy']:.4f} ± {r['accuracy_ci95']:.4f}")
+    typer.echo(f"report: {out / 'report.md'}  plot: {out / 'label_efficiency.png'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="fewshot")
+
+
+if __name__ == "__main__":
+    main()

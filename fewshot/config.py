@@ -1,0 +1,241 @@
+"""One typed configuration for every command.
+
+Precedence, lowest first: dataclass defaults < recipe TOML (``--recipe``) < ``--set a.b=value`` < explicit
+CLI flags. Unknown keys are errors that list the valid ones; the resolved config is saved as JSON next to
+every output (``config.json``) so a run can be reproduced from its artifacts alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fewshot.errors import FewshotError
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How frozen features are computed (``fewshot extract`` and every command that needs features)."""
+
+    backbone: str = "pixels"
+    pool: str = "cls"  # cls | avg | cls+avg | lastN (CLS of the last N blocks, concatenated)
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0  # DataLoader workers; 0 decodes in the main process (best on 2 CPU cores)
+    cache: bool = True  # reuse features computed before for the same backbone + data + transform + pool
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    """DINO's weighted k-NN (Wu et al. 2018; Caron et al. 2021)."""
+
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class LogRegConfig:
+    """Logistic regression; C by stratified CV inside the support (≥2 shots), else ``one_shot_c``."""
+
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+    one_shot_c: float = 10.0
+    cv_folds: int = 5
+    max_iter: int = 1000
+
+
+@dataclass(frozen=True)
+class PrototypeConfig:
+    """Nearest class mean of L2-normalised features (Snell et al. 2017)."""
+
+    temperature: float = 0.1  # softmax temperature over cosine similarities, for scores only
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Linear layer on BatchNorm(affine=False) features trained with SGD, as MAE's linear probe."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    logreg: LogRegConfig = field(default_factory=LogRegConfig)
+    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    head: str = "logreg"
+    shots: int | None = None  # labels per class drawn from TRAIN; None uses every label
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    backbones: tuple[str, ...] = ("pixels",)
+    shots: tuple[int, ...] = (1, 2, 5, 10)
+    seeds: int = 10
+    heads: tuple[str, ...] = ("knn", "logreg", "prototype")
+    seed: int = 0  # first seed; episode i uses seed + i
+    full_knn: bool = True  # also report k-NN with every TRAIN label
+
+
+@dataclass(frozen=True)
+class Config:
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_config(
+    recipe: Path | None = None,
+    sets: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    base: Any = None,
+) -> Any:
+    """Resolve a config: ``base`` (defaults) < recipe TOML < ``--set`` strings < explicit flags.
+
+    ``flags`` maps dotted keys to values; ``None`` values mean "flag not given" and are ignored.
+    """
+    cfg = base if base is not None else Config()
+    if recipe is not None:
+        cfg = apply(cfg, load_recipe(recipe), source=f"recipe {recipe}")
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FewshotError(f"--set {item!r} is not KEY=VALUE; write e.g. --set heads.knn.k=10")
+        cfg = apply(cfg, _nest({key.strip(): value.strip()}), source="--set", from_string=True)
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    if given:
+        # Flags arrive typed by the CLI, except comma lists such as --shots 1,2,5, which parse like --set.
+        cfg = apply(cfg, _nest(given), source="command-line flag", from_string=True)
+    return cfg
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FewshotError(f"recipe {path} does not exist; pass a TOML file, e.g. recipes/<name>.toml")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FewshotError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+
+
+def apply(cfg: Any, overrides: Mapping[str, Any], source: str, from_string: bool = False, prefix: str = "") -> Any:
+    """Return ``cfg`` with nested ``overrides`` applied, every key and value checked against the types."""
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+            raise FewshotError(f"unknown config key '{dotted}' ({source}); valid keys {where}: {', '.join(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise FewshotError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{dotted}.<key>'")
+            changes[key] = apply(current, value, source, from_string, prefix=f"{dotted}.")
+        else:
+            changes[key] = coerce(value, hints[key], dotted, from_string)
+    return dataclasses.replace(cfg, **changes)
+
+
+def coerce(value: Any, typ: Any, key: str, from_string: bool = False) -> Any:
+    """Convert ``value`` (TOML value or ``--set`` string) to the annotated type ``typ`` or raise one line."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (from_string and isinstance(value, str) and value.lower() in ("none", "null", ""))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key, from_string)
+    if origin is tuple:
+        item_type = args[0]
+        if from_string and isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(coerce(v, item_type, key, from_string) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_string and isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+    elif typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_string and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config key '{key}' has unsupported type {typ}")  # a bug in a dataclass
+    name = getattr(typ, "__name__", str(typ))
+    raise FewshotError(f"config key '{key}' expects {name}, got {value!r}; fix the recipe or --set value")
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: Path, **extra: Any) -> None:
+    """Write the resolved config (plus ``extra`` facts such as the fewshot version) as JSON."""
+    from fewshot import __version__
+
+    payload = {"fewshot_version": __version__, **extra, "config": to_dict(cfg)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Rebuild a config dataclass from ``to_dict`` output (as read back from config.json)."""
+    return apply(cls(), data, source="saved config")

@@ -1,0 +1,258 @@
+"""Frozen features: stream images through a backbone, pool its tokens, cache the result as safetensors.
+
+Pooling follows DINO's evaluation protocol (Caron et al. 2021): ``cls`` is the final class token, ``avg`` the
+mean of the patch tokens (prefix tokens excluded), ``cls+avg`` their concatenation, and ``lastN`` the class
+tokens of the last N blocks, each layer-normed, concatenated (DINO used N=4 for ViT-S linear probes).
+
+The file format is part of the contract: tensors ``features`` (N x D float32) and ``labels`` (N int64, -1 when
+unlabelled); string metadata ``classes``, ``paths``, ``skipped`` (JSON lists), ``backbone``, ``weights_sha256``,
+``pool``, ``transform``. The same backbone + data + transform + pool is served from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewshot.config import Config, ExtractConfig, save_config
+from fewshot.errors import FewshotError
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class Features:
+    """What ``fewshot extract`` writes: one row per readable image."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64, -1 when unlabeled
+    classes: list[str]  # label i is classes[i]
+    paths: list[str]  # relative to the data source
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path": ..., "reason": ...}
+    meta: dict[str, str] = field(default_factory=dict)  # backbone, weights_sha256, pool, transform, ...
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def extract(
+    data: str | Path,
+    backbone: str | None = None,
+    out: str | Path | None = None,
+    pool: str | None = None,
+    cfg: Config | None = None,
+    progress: bool = True,
+) -> Features:
+    """Python twin of ``fewshot extract``: features of every image in ``data``; written to ``out`` if given."""
+    cfg = cfg or Config()
+    ecfg = cfg.extract
+    if backbone is not None:
+        ecfg = replace(ecfg, backbone=backbone)
+    if pool is not None:
+        ecfg = replace(ecfg, pool=pool)
+    feats = extract_features(data, ecfg, progress=progress)
+    if out is not None:
+        out = Path(out)
+        save_features(feats, out)
+        save_config(replace(cfg, extract=ecfg), out.with_suffix(".config.json"), data=str(data))
+    return feats
+
+
+def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True) -> Features:
+    """Features of every readable image in ``data`` with ``cfg.backbone``; cached unless ``cfg.cache`` is off."""
+    from fewshot.backbones import load_backbone
+    from fewshot.sources import open_source
+
+    check_pool(cfg.pool)
+    images = open_source(data)
+    backbone = load_backbone(cfg.backbone)
+    key = _cache_key(images.fingerprint, backbone, cfg.pool)
+    cached = cache_dir() / f"{key}.safetensors"
+    if cfg.cache and cached.is_file():
+        try:
+            return load_features(cached)
+        except FewshotError:
+            cached.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
+    feats = _compute(images, backbone, cfg, progress)
+    feats.meta.update(
+        backbone=cfg.backbone,
+        architecture=backbone.architecture,
+        model_kwargs=json.dumps(backbone.model_kwargs, sort_keys=True),
+        weights_sha256=backbone.weights_sha256,
+        pool=cfg.pool,
+        transform=backbone.transform_desc,
+        data=str(data),
+    )
+    if cfg.cache:
+        save_features(feats, cached)
+    return feats
+
+
+def check_pool(pool: str) -> None:
+    if pool not in ("cls", "avg", "cls+avg") and not re.fullmatch(r"last[1-9]\d*", pool):
+        raise FewshotError(f"unknown pool '{pool}'; use cls, avg, cls+avg or lastN (e.g. last4)")
+
+
+# ---------------------------------------------------------------------------------------------- computing
+
+
+def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> Features:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    device = pick_device(cfg.device)
+    model = backbone.model.to(device) if backbone.model is not None else None
+    loader: DataLoader[Any] = DataLoader(
+        _Decoded(images, backbone.transform),  # type: ignore[arg-type]  # a map-style dataset by protocol
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    rows: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped = list(images.skipped)
+    bar = tqdm(total=len(images), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for x, index, bad in loader:
+            skipped += bad
+            if x is not None:
+                x = x.to(device, non_blocking=True)  # (B, 3, H, W)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    z = embed(model, x, cfg.pool) if model is not None else x.flatten(1)  # (B, D)
+                rows.append(z.float().cpu().numpy())
+                kept += index
+            bar.update(len(index) + len(bad))
+    bar.close()
+    if not kept:
+        reasons = "; ".join(sorted({s["reason"] for s in skipped}))[:200]
+        raise FewshotError(f"no readable images in '{images.source}' (all {len(skipped)} skipped: {reasons})")
+    labels = np.array([images.records[i].label for i in kept], dtype=np.int64)
+    paths = [images.records[i].name for i in kept]
+    feats = np.concatenate(rows).astype(np.float32, copy=False)
+    return Features(feats, labels, list(images.classes), paths, skipped)
+
+
+class _Decoded:
+    """Map-style dataset: decoded, transformed image ``i`` or the reason it could not be read."""
+
+    def __init__(self, images: Any, transform: Any) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, str]:
+        from fewshot.images import UnreadableImage
+
+        try:
+            return self.transform(self.images.load(i)), i, ""
+        except UnreadableImage as exc:
+            return None, i, f"{self.images.records[i].name}\0{exc}"
+
+
+def _collate(items: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[dict[str, str]]]:
+    import torch
+
+    good = [(x, i) for x, i, _ in items if x is not None]
+    bad = [dict(zip(("path", "reason"), why.split("\0", 1), strict=True)) for x, _, why in items if x is None]
+    x = torch.stack([g[0] for g in good]) if good else None
+    return x, [g[1] for g in good], bad
+
+
+def embed(model: Any, x: Any, pool: str) -> Any:
+    """Pool a timm model's tokens into one vector per image: (B, 3, H, W) -> (B, D)."""
+    import torch
+
+    if pool.startswith("last"):
+        n = int(pool[4:])
+        if not hasattr(model, "forward_intermediates"):
+            raise FewshotError(f"pool {pool} needs a timm ViT with forward_intermediates; use cls or avg")
+        depth = len(getattr(model, "blocks", []))
+        if n > depth:
+            raise FewshotError(f"pool {pool} asks for {n} blocks but the model has {depth}; use last{depth} or fewer")
+        outs = model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in outs], dim=1)  # (B, n * D)
+    tokens = model.forward_features(x)
+    if tokens.ndim == 4:  # a CNN: (B, C, h, w) has no class token
+        if pool != "avg":
+            raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
+        return tokens.mean(dim=(2, 3))  # (B, C)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = getattr(model, "cls_token", None) is not None
+    if pool != "avg" and not has_cls:
+        raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
+    cls = tokens[:, 0]  # (B, D)
+    avg = tokens[:, n_prefix:].mean(dim=1)  # (B, D), prefix (class/register) tokens excluded
+    return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], dim=1)}[pool]
+
+
+def pick_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FewshotError(f"device '{name}' asked for but CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FewshotError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+# ---------------------------------------------------------------------------------------------- files & cache
+
+
+def save_features(feats: Features, path: Path) -> None:
+    """Write ``feats`` as safetensors (atomically: a reader never sees half a file)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **feats.meta,
+        "classes": json.dumps(feats.classes),
+        "paths": json.dumps(feats.paths),
+        "skipped": json.dumps(feats.skipped),
+    }
+    tensors: dict[str, np.ndarray] = {
+        "features": np.ascontiguousarray(feats.features, np.float32),
+        "labels": feats.labels.astype(np.int64),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_features(path: str | Path) -> Features:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            features, labels = f.get_tensor("features"), f.get_tensor("labels")
+        classes, paths, skipped = (json.loads(meta.pop(k, "[]")) for k in ("classes", "paths", "skipped"))
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise FewshotError(f"'{path}' is not a fewshot features file ({exc}); re-run fewshot extract") from None
+    return Features(features, labels, classes, paths, skipped, meta)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FEWSHOT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fewshot"
+    )
+    return Path(root) / "features"
+
+
+def _cache_key(data_fingerprint: str, backbone: Any, pool: str) -> str:
+    ident = [CACHE_VERSION, data_fingerprint, backbone.weights_sha256, backbone.architecture]
+    ident += [json.dumps(backbone.model_kwargs, sort_keys=True), backbone.transform_desc, pool]
+    return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:32]

@@ -1,0 +1,128 @@
+"""Saving and loading heads without pickle: learned arrays in ``head.safetensors``, the rest in ``head.json``.
+
+Every head subclasses :class:`Head` and keeps one contract: ``to_state()`` returns its learned state as named
+numpy arrays (0-d arrays for scalars such as ``C_``), and ``from_state(params, state)`` rebuilds a fitted head
+that predicts identically. Scalars go to the JSON file (readable), everything else to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from fewshot.errors import FewshotError
+
+FORMAT = "fewshot-head"
+VERSION = 1
+WEIGHTS_FILE = "head.safetensors"
+META_FILE = "head.json"
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Shared input checks and the persistence contract of every few-shot head."""
+
+    name: ClassVar[str]  # registry key, written to head.json
+
+    def _validate_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Check ``X`` (N, D) float32 and ``y`` (N,) labels; set ``classes_`` and ``n_features_in_``."""
+        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise FewshotError(
+                f"the {self.name} head needs labelled examples of at least 2 classes, got {len(self.classes_)}; "
+                "add images of another class"
+            )
+        return X, y
+
+    def _validate_predict(self, X: Any) -> np.ndarray:
+        """Check ``X`` against the fitted head; a feature-size mismatch is a user error (wrong backbone/pool)."""
+        check_is_fitted(self)
+        n_features = np.shape(X)[-1] if np.ndim(X) == 2 else None
+        if n_features != self.n_features_in_:
+            raise FewshotError(
+                f"features have shape {np.shape(X)} but the {self.name} head was fitted on {self.n_features_in_}-d "
+                "features; use the same backbone and pool as when the head was fitted"
+            )
+        return validate_data(self, X, dtype=np.float32, reset=False)
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
+        raise NotImplementedError
+
+
+def save_head(head: Head, directory: Path, info: Mapping[str, Any]) -> None:
+    """Write ``head.safetensors`` (learned arrays) and ``head.json`` (name, hyperparameters, scalars, ``info``)."""
+    from safetensors.numpy import save_file
+
+    check_is_fitted(head)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = head.to_state()
+    arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if np.ndim(v) > 0}
+    scalars = {k: np.asarray(v).item() for k, v in state.items() if np.ndim(v) == 0}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "head": head.name,
+        "params": head.get_params(deep=False),
+        "learned": scalars,
+        "info": dict(info),
+    }
+    try:
+        text = json.dumps(meta, indent=2) + "\n"
+    except TypeError as exc:
+        raise FewshotError(f"head info is not JSON-serialisable ({exc}); pass plain str/int/float/list/dict") from None
+    save_file(arrays, str(directory / WEIGHTS_FILE))
+    (directory / META_FILE).write_text(text, encoding="utf-8")
+
+
+def load_head(directory: Path) -> tuple[Head, dict[str, Any]]:
+    """Rebuild the head saved by :func:`save_head` in ``directory``; returns ``(head, info)``."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from fewshot.heads import HEADS  # here, not at the top: fewshot.heads imports this module
+
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    redo = "re-run `fewshot probe` to save the head again"
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise FewshotError(f"{path} does not exist; point to a directory written by `fewshot probe` or {redo}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FewshotError(f"{meta_path} is not valid JSON ({exc}); {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FewshotError(f"{meta_path} is not a fewshot head file; {redo}")
+    if meta.get("version") != VERSION:
+        raise FewshotError(f"{meta_path} has head format version {meta.get('version')}, expected {VERSION}; {redo}")
+    name = meta.get("head")
+    if name not in HEADS:
+        raise FewshotError(f"{meta_path} names unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    try:
+        arrays = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise FewshotError(f"{weights_path} is not a readable safetensors file ({exc}); {redo}") from None
+    params, learned, info = meta.get("params"), meta.get("learned"), meta.get("info")
+    if not (isinstance(params, dict) and isinstance(learned, dict) and isinstance(info, dict)):
+        raise FewshotError(f"{meta_path} lacks its 'params', 'learned' or 'info' section; {redo}")
+    # JSON turns tuples into lists; hyperparameters such as c_grid are tuples in the config.
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    state: dict[str, np.ndarray] = {**arrays, **{k: np.asarray(v) for k, v in learned.items()}}
+    try:
+        head = HEADS[name].from_state(params, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise FewshotError(f"{directory} holds an incomplete or incompatible {name} head ({exc}); {redo}") from None
+    return head, info

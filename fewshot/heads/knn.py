@@ -1,0 +1,61 @@
+"""Weighted k-NN on cosine similarity, as DINO's ``eval_knn`` (Caron et al. 2021; Wu et al. 2018).
+
+Each of the k most similar support features votes ``exp(sim / T)`` for its class; scores are the votes summed
+per class (normalised to sum to 1 by ``predict_proba``, which keeps DINO's argmax). Composed from sklearn's
+brute-force ``KNeighborsClassifier`` with the cosine metric: distance ``d = 1 - sim``, so the vote weight is
+``exp((1 - d) / T)``. sklearn computes the distances in chunks (``working_memory``), so 5,000 queries against
+10,000 support rows stay within memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, ClassVar, Self
+
+import numpy as np
+from sklearn.neighbors import KNeighborsClassifier
+
+from fewshot.heads.io import Head
+
+
+def dino_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
+    """Vote weight ``exp(sim / T)`` from cosine distances ``d = 1 - sim``."""
+    return np.exp((1.0 - distances) / temperature)  # (Q, k)
+
+
+class KNNHead(Head):
+    """DINO's weighted k-NN; ``k`` is capped at the support size (``n_neighbors_``)."""
+
+    name: ClassVar[str] = "knn"
+
+    def __init__(self, k: int = 20, temperature: float = 0.07) -> None:
+        self.k = k
+        self.temperature = temperature
+
+    def fit(self, X: Any, y: Any) -> Self:
+        X, y = self._validate_fit(X, y)
+        self.n_neighbors_ = min(self.k, len(X))
+        self.support_ = X  # (N, D) kept for saving: k-NN's learned state is the support set itself
+        self.support_labels_ = y  # (N,)
+        self.model_ = KNeighborsClassifier(
+            n_neighbors=self.n_neighbors_,
+            weights=partial(dino_weights, temperature=self.temperature),
+            algorithm="brute",
+            metric="cosine",
+        ).fit(X, y)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.model_.predict_proba(self._validate_predict(X))  # (Q, C)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.model_.predict(self._validate_predict(X))  # (Q,)
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        return {"support": self.support_, "support_labels": self.support_labels_}
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
+        # Fitting k-NN only stores the support set, so refitting on it rebuilds the identical head.
+        return cls(**params).fit(state["support"], state["support_labels"])

@@ -1,0 +1,101 @@
+"""The command line as a user meets it: fast help with examples, one-line errors, every command end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fewshot.cli import app
+from tests.conftest import TINY_VIT
+
+runner = CliRunner()
+COMMANDS = ["extract", "probe", "predict", "evaluate", "demo"]
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from fewshot.cli import app; print('torch' in sys.modules or 'timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_python_dash_m() -> None:
+    out = subprocess.run([sys.executable, "-m", "fewshot", "--help"], capture_output=True, text=True, check=True)
+    assert all(c in out.stdout for c in COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_help_has_an_example(name: str) -> None:
+    code, out = run(name, "--help")
+    assert code == 0 and "Example" in out and f"fewshot {name}" in out
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    code, out = run("extract", tmp_path / "missing", "--out", tmp_path / "f.safetensors")
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().startswith("error:") and len(out.strip().splitlines()) == 1
+    code, out = run("evaluate", tmp_path, tmp_path, "--set", "evaluate.nope=1")
+    assert code == 2 and "unknown config key 'evaluate.nope'" in out
+
+
+def test_extract_probe_predict(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    train, test = digits
+    code, out = run("extract", train, "-b", TINY_VIT, "--pool", "avg", "-o", tmp_path / "f.safetensors", "-q")
+    assert code == 0, out
+    assert "40 images -> 40x192 features (4 classes)" in out
+    code, out = run(
+        "probe", train, "-b", "pixels:8", "--shots", "3", "--head", "knn", "--test", test, "-o", tmp_path / "head", "-q"
+    )
+    assert code == 0, out
+    assert "knn head on 12 labelled images" in out and "test accuracy" in out
+    code, out = run("predict", test, "--head", tmp_path / "head", "--out", tmp_path / "p.csv", "-q")
+    assert code == 0, out
+    assert "24 predictions" in out and (tmp_path / "p.csv").read_text().startswith("path,label,score")
+
+
+def test_evaluate_writes_report_and_is_reproducible(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    train, test = digits
+    args = [train, test, "-b", "pixels:8", "-b", TINY_VIT, "--shots", "1,3", "--seeds", "3", "--heads", "knn,prototype"]
+    code, out = run("evaluate", *args, "--out", tmp_path / "a", "-q")
+    assert code == 0, out
+    assert "3-shot accuracy" in out
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert {(r["backbone"], r["head"], r["shots"]) for r in report["results"]} == {
+        (b, h, s) for b in ("pixels:8", TINY_VIT) for h in ("knn", "prototype") for s in (1, 3)
+    }
+    for name in ("report.md", "label_efficiency.png", "config.json"):
+        assert (tmp_path / "a" / name).is_file()
+    run("evaluate", *args, "--out", tmp_path / "b", "-q")
+    again = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert [r["accuracy"] for r in again["results"]] == [r["accuracy"] for r in report["results"]]
+
+
+def test_recipe_and_set_reach_the_library(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[evaluate]\nheads = ["knn"]\nshots = [2]\nseeds = 2\n[heads.knn]\nk = 3\n')
+    code, out = run("evaluate", *digits, "-b", "pixels:8", "-r", recipe, "--set", "heads.knn.k=5", "-o", tmp_path, "-q")
+    assert code == 0, out
+    saved = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert saved["heads"]["knn"]["k"] == 5 and saved["evaluate"]["shots"] == [2]
+
+
+def test_demo_runs_on_bundled_digits(tmp_path: Path) -> None:
+    code, out = run("demo", "--out", tmp_path, "--set", "evaluate.shots=1,5", "--set", "evaluate.seeds=2", "-q")
+    assert code == 0, out
+    assert (
+        len(list((tmp_path / "data" / "train").glob("*/*.png")))
+        + len(list((tmp_path / "data" / "test").glob("*/*.png")))
+        == 1797
+    )
+    report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
+    best = max(r["accuracy"] for r in report["results"] if r["shots"] == 5)
+    assert best > 0.6  # digits from 5 labels per class: far above chance (0.1)

@@ -1,0 +1,210 @@
+"""Few-shot heads: each against an independent reference, plus registry, persistence and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer
+
+from fewshot.config import HeadsConfig, KNNConfig, LinearConfig
+from fewshot.errors import FewshotError
+from fewshot.heads import HEADS, KNNHead, LinearHead, LogRegHead, PrototypeHead, load_head, make_head, save_head
+
+
+def blobs(seed: int, classes: int, shots: int, dim: int = 16, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``shots`` noisy rows around each of ``classes`` random centres; float32 features, int64 labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    y = np.repeat(np.arange(classes), shots)
+    X = centres[y] + spread * rng.normal(size=(len(y), dim))
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+def unit(X: np.ndarray) -> np.ndarray:
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def dino_vote(support: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, T: float) -> np.ndarray:
+    """DINO's eval_knn written out: top-k cosine neighbours each add exp(sim / T) to their class."""
+    sim = unit(queries.astype(np.float64)) @ unit(support.astype(np.float64)).T  # (Q, N)
+    top = np.argsort(-sim, axis=1)[:, :k]  # (Q, k)
+    votes = np.zeros((len(queries), labels.max() + 1))
+    for q in range(len(queries)):
+        np.add.at(votes[q], labels[top[q]], np.exp(sim[q, top[q]] / T))
+    return votes
+
+
+# ---------------------------------------------------------------------------------------------- knn
+
+
+def test_knn_matches_the_dino_vote() -> None:
+    X, y = blobs(0, classes=5, shots=12, spread=2.0)
+    queries, _ = blobs(1, classes=5, shots=40, spread=2.0)
+    head = KNNHead(k=7, temperature=0.07).fit(X, y)
+    votes = dino_vote(X, y, queries, k=7, T=0.07)
+    np.testing.assert_array_equal(head.predict(queries), votes.argmax(1))
+    np.testing.assert_allclose(head.predict_proba(queries), votes / votes.sum(1, keepdims=True), rtol=1e-4, atol=1e-7)
+
+
+def test_knn_caps_k_at_the_support_size() -> None:
+    X, y = blobs(2, classes=3, shots=2)
+    queries, _ = blobs(3, classes=3, shots=5)
+    head = KNNHead(k=20, temperature=0.1).fit(X, y)
+    assert head.n_neighbors_ == 6
+    assert head.k == 20  # hyperparameters stay as given (sklearn convention)
+    votes = dino_vote(X, y, queries, k=6, T=0.1)
+    np.testing.assert_allclose(head.predict_proba(queries), votes / votes.sum(1, keepdims=True), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- logreg
+
+
+def test_logreg_picks_c_by_stratified_cv_with_two_or_more_shots() -> None:
+    X, y = blobs(0, classes=4, shots=4, spread=1 / 0.6)
+    grid = (0.01, 0.1, 1.0, 10.0, 100.0)
+    head = LogRegHead(c_grid=grid, cv_folds=3).fit(X, y)
+    reference = GridSearchCV(
+        make_pipeline(Normalizer(), LogisticRegression(max_iter=1000)),
+        {"logisticregression__C": list(grid)},
+        cv=StratifiedKFold(3),
+        scoring="accuracy",
+    ).fit(X, y)
+    chosen = head.C_
+    assert chosen == reference.best_params_["logisticregression__C"]
+    assert chosen != grid[0]  # the CV made a choice, not a fallback
+
+
+def test_logreg_uses_one_shot_c_with_one_shot() -> None:
+    X, y = blobs(4, classes=3, shots=1)
+    head = LogRegHead(c_grid=(0.1, 1.0), one_shot_c=123.0).fit(X, y)
+    assert head.C_ == 123.0
+    reference = LogisticRegression(C=123.0, max_iter=1000).fit(unit(X), y)
+    np.testing.assert_allclose(head.predict_proba(X), reference.predict_proba(unit(X)), atol=1e-3)
+
+
+def test_logreg_falls_back_to_one_shot_c_when_any_class_has_one_shot() -> None:
+    X, y = blobs(5, classes=3, shots=3)
+    keep = np.r_[0, 3:9]  # class 0 keeps one row, the others three
+    head = LogRegHead(one_shot_c=7.0).fit(X[keep], y[keep])
+    assert head.C_ == 7.0
+
+
+# ---------------------------------------------------------------------------------------------- prototype
+
+
+def test_prototype_is_the_nearest_normalised_class_mean() -> None:
+    X, y = blobs(6, classes=4, shots=5, spread=2.0)
+    queries, _ = blobs(7, classes=4, shots=25, spread=2.0)
+    head = PrototypeHead(temperature=0.1).fit(X, y)
+    means = unit(np.stack([unit(X)[y == c].mean(0) for c in range(4)]))  # (C, D) re-normalised means
+    cos = unit(queries) @ means.T  # (Q, C)
+    np.testing.assert_array_equal(head.predict(queries), cos.argmax(1))
+    expected = np.exp(cos / 0.1) / np.exp(cos / 0.1).sum(1, keepdims=True)
+    np.testing.assert_allclose(head.predict_proba(queries), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def test_linear_learns_a_separable_problem_reproducibly() -> None:
+    X, y = blobs(8, classes=4, shots=30, dim=8, spread=0.2)
+    X = X * 5 + 3  # the BatchNorm makes the probe indifferent to feature scale and offset
+    head = LinearHead(epochs=30, lr=0.1, batch_size=32, random_state=0).fit(X, y)
+    assert (head.predict(X) == y).mean() == 1.0
+    again = LinearHead(epochs=30, lr=0.1, batch_size=32, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(head.predict_proba(X), again.predict_proba(X))
+
+
+def test_linear_handles_a_trailing_batch_of_one() -> None:
+    X, y = blobs(9, classes=3, shots=3)  # 9 rows in batches of 4: 4 + 4 + 1
+    head = LinearHead(epochs=2, batch_size=4).fit(X, y)
+    assert head.predict_proba(X).shape == (9, 3)
+
+
+# ---------------------------------------------------------------------------------------------- all heads
+
+
+def all_heads() -> list:
+    return [KNNHead(k=5), LogRegHead(), PrototypeHead(), LinearHead(epochs=5, batch_size=8, random_state=3)]
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+@pytest.mark.parametrize("head", all_heads(), ids=lambda h: h.name)
+def test_save_load_round_trip_predicts_identically(tmp_path, head, classes: int) -> None:
+    X, y = blobs(10, classes=classes, shots=3)
+    queries, _ = blobs(11, classes=classes, shots=10)
+    head.fit(X, y)
+    info = {"classes": [f"c{i}" for i in range(classes)], "backbone": "pixels", "pool": "cls"}
+    save_head(head, tmp_path, info)
+    meta = json.loads((tmp_path / "head.json").read_text())
+    assert meta["head"] == head.name
+    assert meta["params"] == json.loads(json.dumps(head.get_params()))
+    if head.name == "logreg":
+        assert meta["learned"]["C"] == head.C_
+    loaded, loaded_info = load_head(tmp_path)
+    assert type(loaded) is type(head)
+    assert loaded.get_params() == head.get_params()
+    assert loaded_info == info
+    np.testing.assert_array_equal(loaded.predict_proba(queries), head.predict_proba(queries))
+    np.testing.assert_array_equal(loaded.predict(queries), head.predict(queries))
+    np.testing.assert_array_equal(loaded.classes_, head.classes_)
+
+
+@pytest.mark.parametrize("head", all_heads(), ids=lambda h: h.name)
+def test_heads_are_sklearn_classifiers(head) -> None:
+    X, y = blobs(12, classes=3, shots=4)
+    fitted = head.fit(X, y)
+    assert fitted is head
+    assert list(head.classes_) == [0, 1, 2]
+    proba = head.predict_proba(X)
+    assert proba.shape == (12, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(head.predict(X), head.classes_[proba.argmax(1)])
+    assert clone(head).get_params() == head.get_params()
+
+
+@pytest.mark.parametrize("head", all_heads(), ids=lambda h: h.name)
+def test_heads_reject_bad_input_with_one_line(head) -> None:
+    X, y = blobs(13, classes=3, shots=3)
+    with pytest.raises(FewshotError, match="at least 2 classes"):
+        clone(head).fit(X, np.zeros_like(y))
+    head.fit(X, y)
+    with pytest.raises(FewshotError, match="same backbone and pool"):
+        head.predict(X[:, :5])
+
+
+# ---------------------------------------------------------------------------------------------- registry, io errors
+
+
+def test_make_head_reads_its_config_section() -> None:
+    cfg = HeadsConfig(knn=KNNConfig(k=3, temperature=0.5), linear=LinearConfig(epochs=7))
+    knn = make_head("knn", cfg)
+    assert isinstance(knn, KNNHead) and (knn.k, knn.temperature) == (3, 0.5)
+    linear = make_head("linear", cfg, random_state=11)
+    assert isinstance(linear, LinearHead) and (linear.epochs, linear.random_state) == (7, 11)
+    assert make_head("logreg", cfg).get_params()["c_grid"] == cfg.logreg.c_grid
+    assert set(HEADS) == {"knn", "logreg", "prototype", "linear"}
+
+
+def test_make_head_unknown_name_lists_valid_heads() -> None:
+    with pytest.raises(FewshotError, match="unknown head 'svm'; valid heads: knn, logreg, prototype, linear"):
+        make_head("svm", HeadsConfig())
+
+
+def test_load_head_bad_files_are_one_line_errors(tmp_path) -> None:
+    with pytest.raises(FewshotError, match="does not exist"):
+        load_head(tmp_path / "missing")
+    X, y = blobs(14, classes=2, shots=2)
+    save_head(PrototypeHead().fit(X, y), tmp_path, {})
+    (tmp_path / "head.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(FewshotError, match="not a readable safetensors"):
+        load_head(tmp_path)
+    (tmp_path / "head.json").write_text("{", encoding="utf-8")
+    with pytest.raises(FewshotError, match="not valid JSON"):
+        load_head(tmp_path)
