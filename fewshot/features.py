@@ -117,7 +117,7 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> 
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    rows: list[np.ndarray] = []
+    out: np.ndarray | None = None  # (N, D), allocated once the first batch tells D: memory stays flat
     kept: list[int] = []
     skipped = list(images.skipped)
     bar = tqdm(total=len(images), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
@@ -128,17 +128,18 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> 
                 x = x.to(device, non_blocking=True)  # (B, 3, H, W)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     z = embed(model, x, cfg.pool) if model is not None else x.flatten(1)  # (B, D)
-                rows.append(z.float().cpu().numpy())
+                if out is None:
+                    out = np.empty((len(images), z.shape[1]), dtype=np.float32)
+                out[len(kept) : len(kept) + len(index)] = z.float().cpu().numpy()
                 kept += index
             bar.update(len(index) + len(bad))
     bar.close()
-    if not kept:
+    if out is None:
         reasons = "; ".join(sorted({s["reason"] for s in skipped}))[:200]
         raise FewshotError(f"no readable images in '{images.source}' (all {len(skipped)} skipped: {reasons})")
     labels = np.array([images.records[i].label for i in kept], dtype=np.int64)
     paths = [images.records[i].name for i in kept]
-    feats = np.concatenate(rows).astype(np.float32, copy=False)
-    return Features(feats, labels, list(images.classes), paths, skipped)
+    return Features(out[: len(kept)], labels, list(images.classes), paths, skipped)
 
 
 class _Decoded:

@@ -129,7 +129,7 @@ class _Exploit:
 def test_pickle_that_runs_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
-        pickle.dump({"model": _Exploit()}, fh)
+        pickle.dump({"model": _Exploit()}, fh, protocol=2)
     with pytest.raises(FewshotError, match="refusing to load"):
         load_backbone(f"{path}:arch={ARCH}")
     assert "would have run code" not in capsys.readouterr().out

@@ -14,7 +14,7 @@ from fewshot.cli import app
 from tests.conftest import TINY_VIT
 
 runner = CliRunner()
-COMMANDS = ["extract", "probe", "predict", "evaluate", "demo"]
+COMMANDS = ["extract", "probe", "predict", "evaluate", "attention", "demo"]
 
 
 def run(*args: str) -> tuple[int, str]:
