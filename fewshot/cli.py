@@ -93,6 +93,59 @@ def _echo_skips(skipped: list[dict[str, str]]) -> None:
 
 
 @command
+def pretrain(
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (re-running into it resumes).")],
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="dino or mae (for MAE's optimiser settings start from a recipes/mae-*.toml)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="timm architecture, e.g. vit_small_patch16_224.")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", help="Global crop size in pixels.")] = None,
+    patch_size: Annotated[int | None, typer.Option("--patch-size", help="Override the ViT's patch size.")] = None,
+    depth: Annotated[int | None, typer.Option("--depth", help="Override the ViT's number of blocks.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the images.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Stop after N optimiser steps (overrides epochs).")
+    ] = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of initialisation, data order and augmentation.")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from weights: .safetensors/.pth file or a run folder.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Require an existing run folder to continue.")] = False,
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Self-supervised pretraining (DINO or MAE) of a timm ViT on a folder of unlabeled images.
+
+    Small data needs small-data settings: out_dim, teacher temperature and momentum and the warm-ups follow the
+    dataset size and run length unless set (see README). The run folder is a backbone spec for extract, probe,
+    evaluate and attention.
+
+    Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
+    """
+    from fewshot.sources import open_source
+    from fewshot.train import pretrain as run
+
+    names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "batch_size", "device")
+    values = (method, model, img_size, patch_size, depth, epochs, steps, batch_size, device)
+    flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
+    flags |= {"pretrain.seed": seed, "pretrain.init": init}
+    cfg = _config(recipe, set_, flags)
+    if resume and not (out / "checkpoint.safetensors").is_file():
+        raise FewshotError(f"--resume: '{out}' holds no checkpoint to continue; drop --resume to start a new run")
+    images = open_source(data)
+    _echo_skips(images.skipped)
+    run(images, cfg, out, progress=not quiet)
+    typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
+
+
+@command
 def extract(
     data: Data,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],

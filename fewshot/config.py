@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import FewshotError
+from fewshot.pretrain_config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Config:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -14,7 +14,7 @@ from fewshot.cli import app
 from tests.conftest import TINY_VIT
 
 runner = CliRunner()
-COMMANDS = ["extract", "probe", "predict", "evaluate", "attention", "demo"]
+COMMANDS = ["pretrain", "extract", "probe", "predict", "evaluate", "attention", "demo"]
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -99,3 +99,24 @@ def test_demo_runs_on_bundled_digits(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
     best = max(r["accuracy"] for r in report["results"] if r["shots"] == 5)
     assert best > 0.6  # digits from 5 labels per class: far above chance (0.1)
+
+
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_pretrain_two_steps_then_extract_from_the_run(digits: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+    train, test = digits
+    run_dir = tmp_path / "run"
+    small = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2"]
+    args = ["pretrain", train, "--method", method, *small, "--steps", "2", "--batch-size", "8", "-o", run_dir, "-q"]
+    code, out = run(*args, "--set", "pretrain.dino.local_crops=2", "--set", "pretrain.mae.decoder_depth=1")
+    assert code == 0, out
+    for name in ("config.json", "metrics.jsonl", "checkpoint.safetensors", "backbone.safetensors"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and {"step", "epoch", "loss", "lr"} <= set(lines[-1])
+    code, out = run("extract", test, "-b", run_dir, "-o", tmp_path / "f.safetensors", "-q")
+    assert code == 0 and "24 images -> 24x192 features" in out, out
+
+
+def test_resume_needs_a_checkpoint(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    code, out = run("pretrain", digits[0], "--resume", "-o", tmp_path / "new-run", "-q")
+    assert code == 2 and "holds no checkpoint" in out

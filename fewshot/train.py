@@ -1,0 +1,389 @@
+"""The self-supervised pretraining loop behind ``fewshot pretrain``, shared by every method in
+:mod:`fewshot.methods` (DINO, Caron et al. 2021; MAE later): AdamW with DINO's schedules (lr linear warm-up then
+cosine, cosine weight decay, per-parameter gradient clipping), the method's hooks, a resumable run folder
+(:mod:`fewshot.runs`), a progress bar and a guard against a non-finite loss.
+
+Images are decoded once into memory as a ``(N, 3, S, S)`` uint8 tensor (shorter side resized to S, centre
+square) and each step augments a whole batch with tensor ops on the training device.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fewshot.config import from_dict, save_config, to_dict
+from fewshot.errors import FewshotError
+from fewshot.methods import get_method
+from fewshot.methods.base import Method, RunPlan
+from fewshot.pretrain_config import PretrainConfig
+from fewshot.runs import RunFolder, load_checkpoint, restore_rng, save_backbone, save_checkpoint
+from fewshot.schedules import capped_steps, cosine
+
+# settings that may change when a run is resumed; anything else must match the run's config.json
+RESUMABLE_CHANGES = ("device", "precision", "log_every", "checkpoint_every")
+
+
+def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Pretrain a backbone on unlabelled ``images`` and write the run folder ``out``; resume it if it exists.
+
+    ``images``: an object with ``__len__`` and ``load(i) -> PIL.Image`` (a :class:`fewshot.sources.ImageSet`),
+    a sequence of objects with ``.load()``, a sequence of PIL images, or a ``(N, 3, H, W)`` uint8 tensor.
+    ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section). Returns a summary dict
+    (``backbone`` path, ``steps``, final logs). Raises :class:`FewshotError` for bad input or a diverged run.
+    """
+    cfg = getattr(cfg, "pretrain", cfg)
+    run = RunFolder(Path(out))
+    run.create()
+    resume = run.checkpoint.is_file()
+    if resume:
+        _check_resumable(run, cfg)
+    device, autocast = _device(cfg)
+    store_size = cfg.store_size or math.ceil(cfg.img_size * 8 / 7)
+    _check_memory(len(images), store_size)
+    store, skipped = decode_images(images, store_size, progress)
+    if skipped:
+        first = f"{skipped[0]['path']}: {skipped[0]['reason']}"
+        tqdm.write(f"skipped {len(skipped)} unreadable image(s), e.g. {first}", file=sys.stderr)
+    store = _place(store, device)
+    n = store.shape[0]
+    per_epoch = n // cfg.batch_size
+    if per_epoch < 1:
+        raise FewshotError(f"{n} readable image(s), fewer than --batch-size {cfg.batch_size}; lower --batch-size")
+    total = cfg.steps or cfg.epochs * per_epoch
+    plan = RunPlan(n, cfg.batch_size, per_epoch, total)
+    torch.manual_seed(cfg.seed)  # model initialisation
+    method: Method = get_method(cfg.method).build(cfg, plan)
+    method.to(device)
+    opt = _optimizer(method, cfg, device)
+    warmup = _warmup_steps(cfg.optim, per_epoch, total)
+    lr = cosine(cfg.optim.lr * cfg.batch_size / 256, cfg.optim.min_lr, total, warmup)
+    wd = cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
+    resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **method.resolved()}
+    start = 0
+    if resume:
+        model_state, opt_state, rng, state = load_checkpoint(run.checkpoint)
+        if state.get("n_images") != n:
+            raise FewshotError(
+                f"run {out} was trained on {state.get('n_images')} images, now {n}; pass the same data to resume it"
+            )
+        method.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        restore_rng(rng)
+        start = int(state["step"])
+        run.truncate_metrics(start)
+    else:
+        run.metrics.unlink(missing_ok=True)
+    save_config(
+        cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved
+    )
+    if getattr(method, "init_report", ""):
+        tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
+    loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress)
+    return loop.run(start)
+
+
+class _Loop:
+    def __init__(self, cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress):
+        self.cfg, self.folder, self.method, self.opt, self.store, self.plan = cfg, run, method, opt, store, plan
+        self.lr, self.wd, self.device, self.autocast, self.progress = lr, wd, device, autocast, progress
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+        self.writer = _tensorboard(run.tensorboard)
+
+    def run(self, start: int) -> dict[str, Any]:
+        cfg, plan, method = self.cfg, self.plan, self.method
+        total, per_epoch, b = plan.total_steps, plan.steps_per_epoch, cfg.batch_size
+        gen = torch.Generator(device=self.device)
+        epochs = math.ceil(total / per_epoch)
+        t_start = time.perf_counter()
+        bar = tqdm(total=total, initial=start, unit="step", desc=cfg.method, disable=not self.progress, file=sys.stderr)
+        method.train()
+        acc: dict[str, torch.Tensor] = {}
+        epoch_acc: dict[str, float] = {}
+        n_acc = n_epoch = 0
+        bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
+        t_log = t_epoch = time.perf_counter()
+        logs: dict[str, float] = {}
+        perm = torch.empty(0, dtype=torch.long)
+        for step in range(start, total):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0 or step == start:
+                order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # a function of the epoch: resumable
+                perm = torch.randperm(plan.n_images, generator=order).to(self.store.device)
+            images = self.store[perm[i * b : (i + 1) * b]].to(self.device, non_blocking=True)  # (B, 3, S, S) uint8
+            gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentations are a function of (seed, step): resumable
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr[step]
+                group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
+            batch = method.augment(images, gen)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = method(batch, step)
+            loss = out["loss"]
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad > 0:
+                _clip_per_parameter(self.params, cfg.optim.clip_grad)
+            method.before_optimizer_step(step)
+            self.opt.step()
+            method.after_step(step)
+            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
+            for k, v in out.items():
+                acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
+            n_acc += 1
+            bar.update(1)
+            done = step + 1
+            end_of_epoch = done % per_epoch == 0 or done == total
+            if done % cfg.log_every == 0 or end_of_epoch:
+                self._check_finite(int(bad), per_epoch)  # the only host sync (besides .item() below)
+                now = time.perf_counter()
+                logs = {k: float(v) / n_acc for k, v in acc.items()}
+                for k, v in logs.items():
+                    epoch_acc[k] = epoch_acc.get(k, 0.0) + v * n_acc
+                n_epoch += n_acc
+                record = {"kind": "step", "step": done, "epoch": epoch, **self._sched(step), **logs}
+                record["images_per_s"] = n_acc * b / max(now - t_log, 1e-9)
+                self.folder.append_metrics(record)
+                self._tensorboard(record, done)
+                bar.set_postfix_str(
+                    f"epoch {epoch + 1}/{epochs} loss {logs['loss']:.3f} lr {self.lr[step]:.2e} "
+                    f"{record['images_per_s']:.0f} img/s"
+                )
+                acc, n_acc, t_log = {}, 0, now
+            if end_of_epoch:
+                now = time.perf_counter()
+                ep = {k: v / max(n_epoch, 1) for k, v in epoch_acc.items()}
+                warnings = method.diagnose({**ep, "step": done})
+                for w in warnings:
+                    tqdm.write(f"warning: {w}", file=sys.stderr)
+                record = {"kind": "epoch", "step": done, "epoch": epoch, **self._sched(step), **ep}
+                record.update(images_per_s=n_epoch * b / max(now - t_epoch, 1e-9), warnings=warnings)
+                self.folder.append_metrics(record)
+                epoch_acc, n_epoch, t_epoch = {}, 0, now
+                method.on_epoch_end(epoch, self.folder.root, self.store, done == total)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or done == total:
+                    self._save(done)
+        bar.close()
+        return self._summary(logs, start, time.perf_counter() - t_start)
+
+    def _sched(self, step: int) -> dict[str, float]:
+        return {"lr": float(self.lr[step]), "weight_decay": float(self.wd[step]), **self.method.schedules(step)}
+
+    def _check_finite(self, bad: int, per_epoch: int) -> None:
+        if bad >= 0:
+            raise FewshotError(
+                f"the loss became non-finite at step {bad} (epoch {bad // per_epoch + 1}); the run stopped and its "
+                f"last checkpoint in {self.folder.root} is intact. Try a lower learning rate "
+                f"(--set pretrain.optim.lr={self.cfg.optim.lr / 4:g}), fp32 (--set pretrain.precision=fp32), a longer "
+                "warm-up, or check the data for broken or constant images"
+            )
+
+    def _save(self, done: int) -> None:
+        m = self.method
+        state = {"step": done, "n_images": self.plan.n_images, "total_steps": self.plan.total_steps}
+        save_checkpoint(self.folder.checkpoint, m, self.opt, state)
+        extra = {"method": self.cfg.method, "step": done, "total_steps": self.plan.total_steps}
+        save_backbone(self.folder.backbone, m.export_backbone(), m.architecture, m.model_kwargs, self.cfg.mean,
+                      self.cfg.std, self.cfg.img_size, extra)  # fmt: skip
+
+    def _tensorboard(self, record: dict[str, Any], step: int) -> None:
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.writer.add_scalar(f"pretrain/{k}", v, step)
+
+    def _summary(self, logs: dict[str, float], start: int, seconds: float) -> dict[str, Any]:
+        if self.writer is not None:
+            self.writer.close()
+        total = self.plan.total_steps
+        extra = ", ".join(f"{k} {v:.3g}" for k, v in logs.items() if k != "loss")
+        minutes, secs = divmod(round(seconds), 60)
+        line = f"{self.cfg.method}: {total} steps ({self.plan.n_images} images) in {minutes}m{secs:02d}s"
+        if logs:
+            line += f"; last loss {logs['loss']:.4f} ({extra})"
+        else:
+            line += f"; already finished (resumed at step {start})"
+        tqdm.write(f"{line}; backbone → {self.folder.backbone}", file=sys.stderr)
+        return {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
+
+
+def _check_memory(n: int, side: int) -> None:
+    """Refuse early (before minutes of decoding) when the decoded images cannot fit in memory."""
+    import os
+
+    need = n * 3 * side * side
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > 0.6 * ram:
+        raise FewshotError(
+            f"{n} images at {side}×{side} px need {need / 2**30:.1f} GiB in memory, more than this machine can spare "
+            f"({ram / 2**30:.0f} GiB); lower pretrain.store_size / --img-size or pretrain on a subset"
+        )
+
+
+def _place(store: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA keep the uint8 images on the GPU when they take under a quarter of its memory, else pin them."""
+    if device.type != "cuda":
+        return store
+    if store.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory:
+        return store.to(device)
+    return store.pin_memory()
+
+
+def decode_images(images: Any, size: int, progress: bool = False) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """Decode every image once into ``(N, 3, size, size)`` uint8: shorter side resized to ``size`` (bicubic,
+    antialiased), centre square cropped. Unreadable images are skipped and listed."""
+    if torch.is_tensor(images):
+        return _resize_tensor(images, size), []
+    from fewshot.images import UnreadableImage
+
+    n = len(images)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    kept, skipped = 0, []
+    loader = images.load if hasattr(images, "load") else None
+    for i in tqdm(range(n), desc="decoding", unit="img", disable=not progress or n < 500, file=sys.stderr):
+        try:
+            img = loader(i) if loader else _load_item(images[i])
+        except (UnreadableImage, OSError) as exc:
+            skipped.append({"path": _name(images, i), "reason": str(exc)})
+            continue
+        out[kept] = torch.from_numpy(np.array(_square(img.convert("RGB"), size))).permute(2, 0, 1)  # (3, S, S)
+        kept += 1
+    if kept == 0:
+        raise FewshotError(f"none of the {n} images could be read; check the data source")
+    return out[:kept].contiguous(), skipped
+
+
+def _name(images: Any, i: int) -> str:
+    records = getattr(images, "records", images)  # an ImageSet's records, or the sequence itself
+    return str(getattr(records[i], "name", i))
+
+
+def _load_item(item: Any) -> Image.Image:
+    return item if isinstance(item, Image.Image) else item.load()
+
+
+def _square(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise FewshotError(f"image tensors must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images.contiguous()
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    x = torch.nn.functional.interpolate(images.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def _warmup_steps(optim: Any, per_epoch: int, total: int) -> int:
+    """Explicit steps, else explicit epochs, else 10 epochs capped at 10% of the run (small data: short runs)."""
+    if optim.warmup_steps is not None:
+        return min(int(optim.warmup_steps), total)
+    if optim.warmup_epochs is not None:
+        return min(round(optim.warmup_epochs * per_epoch), total)
+    return capped_steps(10, per_epoch, total, 0.1)
+
+
+def _device(cfg: PretrainConfig) -> tuple[torch.device, bool]:
+    """The device and whether to use bf16 autocast (CUDA only: CPUs without bf16 units run it 7–100× slower)."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FewshotError(f"unknown device '{cfg.device}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FewshotError(f"device '{cfg.device}' asked for, but CUDA is not available here; use --device cpu")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise FewshotError(f"precision '{cfg.precision}' is not one of auto, fp32, bf16")
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise FewshotError("bf16 autocast is only used on CUDA (CPUs here run it far slower); use precision fp32")
+    return device, device.type == "cuda" and cfg.precision != "fp32"
+
+
+def _optimizer(method: Method, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = [g for g in method.param_groups() if g["params"]]
+    betas = tuple(cfg.optim.betas)
+    if len(betas) != 2:
+        raise FewshotError(f"optim.betas must be two numbers, got {cfg.optim.betas}")
+    # lr and weight decay are set from the schedules before every step; the fused kernel is ~10× faster than
+    # foreach on CPU (and than the for-loop default, ~100×)
+    try:
+        return torch.optim.AdamW(groups, lr=0.0, betas=(betas[0], betas[1]), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=0.0, betas=(betas[0], betas[1]), foreach=True)
+
+
+def _clip_per_parameter(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """DINO's clip_gradients: scale each parameter's gradient to L2 norm ≤ ``max_norm``, without a host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))  # (P,)
+    scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+
+
+def _check_resumable(run: RunFolder, cfg: PretrainConfig) -> None:
+    import json
+
+    try:
+        saved = from_dict(PretrainConfig, json.loads(run.config.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, FewshotError):
+        raise FewshotError(f"{run.root} has a checkpoint but no readable config.json; choose another --out") from None
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)} → {new.get(k)}" for k in diff[:4])
+        raise FewshotError(
+            f"run folder {run.root} was started with other settings ({shown}); resume it with the same settings, "
+            f"or pick a new --out (and start from its weights with --init {run.root})"
+        )
+
+
+def load_run_config(out: Path) -> PretrainConfig:
+    """The PretrainConfig a run folder was started with (for ``fewshot pretrain --resume RUN``)."""
+    import json
+
+    path = RunFolder(Path(out)).config
+    if not path.is_file():
+        raise FewshotError(f"{out} is not a pretraining run folder (no config.json); pass the --out of a run")
+    return from_dict(PretrainConfig, json.loads(path.read_text(encoding="utf-8"))["config"])
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))

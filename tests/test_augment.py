@@ -1,0 +1,101 @@
+"""Batched multi-crop augmentation: shapes, ranges, seeding, and each colour op against torchvision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from fewshot.augment import MultiCrop, colour_matrix, crop_boxes, gaussian_blur
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _images(n: int = 6, side: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_views_have_the_right_shapes_dtype_and_range() -> None:
+    images = _images()
+    out = MultiCrop(32, 16, 3)(images, torch.Generator().manual_seed(0))
+    assert set(out) == {"global", "local"}
+    assert out["global"].shape == (12, 3, 32, 32) and out["local"].shape == (18, 3, 16, 16)
+    for x in out.values():
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()
+        pixels = x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # normalised [0, 1] images
+    assert "local" not in MultiCrop(32, 16, 0)(images, torch.Generator().manual_seed(0))
+
+
+def test_same_seed_same_views_other_seed_other_views() -> None:
+    images, crop = _images(), MultiCrop(32, 16, 2)
+    a = crop(images, torch.Generator().manual_seed(3))
+    b = crop(images, torch.Generator().manual_seed(3))
+    c = crop(images, torch.Generator().manual_seed(4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["global"], c["global"])
+
+
+def test_views_come_from_their_own_image() -> None:
+    # constant-colour images survive cropping, flipping and blurring; view v·B + i must show image i
+    colours = torch.tensor([[250, 10, 10], [10, 250, 10], [10, 10, 250]], dtype=torch.uint8)
+    images = colours.view(3, 3, 1, 1).expand(3, 3, 24, 24).contiguous()
+    crop = MultiCrop(16, 8, 2, jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0)
+    out = crop(images, torch.Generator().manual_seed(0))
+    for key, n_views in (("global", 2), ("local", 2)):
+        x = out[key] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        dominant = x.mean((2, 3)).argmax(1).view(n_views, 3)
+        assert torch.equal(dominant, torch.arange(3).expand(n_views, 3))
+
+
+def test_crop_boxes_lie_inside_the_image_with_the_asked_area() -> None:
+    boxes = crop_boxes(2000, 50, (0.05, 0.4), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert boxes.min() >= 0 and boxes.max() <= 50 + 1e-4
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 50**2
+    assert area.min() >= 0.05 - 1e-5 and area.max() <= 0.4 + 1e-5
+    aspect = (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1])
+    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+
+
+@pytest.mark.parametrize("op,f,reference", [(0, 1.3, TF.adjust_brightness), (1, 0.7, TF.adjust_contrast),
+                                             (2, 1.2, TF.adjust_saturation)])  # fmt: skip
+def test_each_jitter_op_matches_torchvision(op: int, f: float, reference) -> None:
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.7
+    order = torch.full((4, 4), -1)
+    order[:, 0] = op
+    factors = [torch.full((4,), f)] * 4
+    a, c = colour_matrix(x.mean((2, 3)), order, factors, torch.zeros(4, dtype=torch.bool))
+    ours = (a @ x.view(4, 3, -1) + c).clamp(0, 1).view_as(x)
+    theirs = torch.stack([reference(xi, f) for xi in x])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_hue_rotation_keeps_grey_and_turns_red_towards_green() -> None:
+    grey = torch.full((1, 3), 0.5)
+    red = torch.tensor([[0.9, 0.1, 0.1]])
+    order = torch.tensor([[3, -1, -1, -1]])
+    for colour in (grey, red):
+        a, c = colour_matrix(
+            colour, order, [torch.ones(1)] * 3 + [torch.tensor([0.1])], torch.zeros(1, dtype=torch.bool)
+        )
+        out = (a @ colour.view(1, 3, 1) + c).view(3)
+        if colour is grey:
+            torch.testing.assert_close(out, grey.view(3))
+        else:
+            assert out[1] > colour[0, 1] and out[0] < colour[0, 0]  # hue +36°: red moves towards yellow/green
+
+
+def test_grayscale_gives_equal_channels() -> None:
+    x = torch.rand(2, 3, 1, 1)
+    a, c = colour_matrix(x.mean((2, 3)), torch.full((2, 4), -1), [torch.ones(2)] * 4, torch.ones(2, dtype=torch.bool))
+    out = (a @ x.view(2, 3, 1) + c).view(2, 3)
+    torch.testing.assert_close(out, out[:, :1].expand(2, 3))
+
+
+def test_blur_keeps_constants_and_smooths_noise() -> None:
+    x = torch.full((2, 3, 12, 12), 0.3)
+    torch.testing.assert_close(gaussian_blur(x, torch.tensor([0.5, 2.0])), x)
+    noise = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(noise, torch.tensor([0.1, 2.0]))
+    torch.testing.assert_close(blurred[0], noise[0], atol=1e-4, rtol=0)  # sigma 0.1 ≈ identity
+    assert blurred[1].std() < 0.5 * noise[1].std()

@@ -1,0 +1,176 @@
+"""The pretraining loop end to end on a tiny ViT: run folder, timm-loadable backbone, exact resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fewshot.errors import FewshotError
+from fewshot.methods.dino import DINO
+from fewshot.pretrain_config import DinoConfig, PretrainConfig
+from fewshot.train import decode_images, load_run_config, pretrain
+
+KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "depth": 2}
+CFG = PretrainConfig(
+    model="vit_tiny_patch16_224", **KWARGS, epochs=2, batch_size=4, log_every=1, seed=1,
+    dino=DinoConfig(local_crops=2, hidden_dim=32, bottleneck_dim=16, out_dim=64),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 3, 40, 48), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def finished(images: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    pretrain(images, CFG, out, progress=False)
+    return out
+
+
+def test_run_folder_has_config_metrics_checkpoint_and_backbone(finished: Path) -> None:
+    assert {p.name for p in finished.iterdir()} >= {
+        "config.json", "metrics.jsonl", "checkpoint.safetensors", "backbone.safetensors"
+    }  # fmt: skip
+    saved = json.loads((finished / "config.json").read_text())
+    assert saved["n_images"] == 8 and saved["plan"]["total_steps"] == 4
+    assert saved["resolved"]["out_dim"] == 64
+    assert load_run_config(finished) == CFG
+    lines = [json.loads(ln) for ln in (finished / "metrics.jsonl").read_text().splitlines()]
+    steps = [ln for ln in lines if ln["kind"] == "step"]
+    assert [ln["step"] for ln in steps] == [1, 2, 3, 4]
+    assert [ln["epoch"] for ln in lines if ln["kind"] == "epoch"] == [0, 1]
+    for ln in lines:
+        assert {"step", "epoch", "loss", "lr", "teacher_entropy", "feature_std"} <= set(ln)
+
+
+def test_backbone_loads_into_timm_and_is_the_teacher(finished: Path) -> None:
+    path = finished / "backbone.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == "vit_tiny_patch16_224"
+    assert json.loads(meta["model_kwargs"]) == KWARGS
+    assert json.loads(meta["img_size"]) == 32 and len(json.loads(meta["mean"])) == 3
+    model = timm.create_model(
+        meta["architecture"], pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0,
+        **json.loads(meta["model_kwargs"]),
+    )  # fmt: skip
+    state = load_file(str(path))
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    teacher = load_file(str(finished / "checkpoint.safetensors"))
+    assert torch.equal(teacher["model/teacher.backbone.cls_token"], state["cls_token"])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+
+
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(
+    images: torch.Tensor, finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = DINO.after_step
+
+    def crash_in_epoch_two(self: DINO, step: int) -> None:
+        original(self, step)
+        if step == 2:
+            raise KeyboardInterrupt  # killed after the epoch-1 checkpoint (2 steps) was written
+
+    monkeypatch.setattr(DINO, "after_step", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(images, CFG, tmp_path, progress=False)
+    monkeypatch.setattr(DINO, "after_step", original)
+    seen: list[int] = []
+
+    def record(self: DINO, batch: dict, step: int) -> dict:
+        seen.append(step)
+        return _FORWARD(self, batch, step)
+
+    monkeypatch.setattr(DINO, "forward", record)
+    pretrain(images, CFG, tmp_path, progress=False)
+    assert seen == [2, 3]  # resumed at the saved step, not from scratch
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3, 4, 4]  # step lines + epoch lines, none duplicated by the resume
+    resumed = load_file(str(tmp_path / "backbone.safetensors"))
+    straight = load_file(str(finished / "backbone.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # bit-identical to the uninterrupted run
+
+
+_FORWARD = DINO.forward
+
+
+def test_resume_with_other_settings_is_refused(images: torch.Tensor, finished: Path) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(FewshotError, match="batch_size"):
+        pretrain(images, replace(CFG, batch_size=2), finished, progress=False)
+
+
+def test_non_finite_loss_stops_with_the_step(images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def nan_loss(self: DINO, batch: dict, step: int) -> dict:
+        out = _FORWARD(self, batch, step)
+        if step == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DINO, "forward", nan_loss)
+    with pytest.raises(FewshotError, match=r"non-finite at step 1 .*lower learning rate"):
+        pretrain(images, CFG, tmp_path, progress=False)
+
+
+def test_bad_settings_are_one_line_errors(images: torch.Tensor, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(FewshotError, match="batch-size"):
+        pretrain(images, replace(CFG, batch_size=64), tmp_path / "a", progress=False)
+    with pytest.raises(FewshotError, match="CUDA"):
+        pretrain(images, replace(CFG, device="cpu", precision="bf16"), tmp_path / "b", progress=False)
+    with pytest.raises(FewshotError, match="timm"):
+        pretrain(images, replace(CFG, model="not_a_model"), tmp_path / "c", progress=False)
+
+
+def test_decode_accepts_pil_images_and_loaders_and_skips_unreadable() -> None:
+    from fewshot.images import UnreadableImage
+
+    class Rec:
+        def __init__(self, img: Image.Image | None) -> None:
+            self.img, self.name = img, "broken.jpg"
+
+        def load(self) -> Image.Image:
+            if self.img is None:
+                raise UnreadableImage("corrupt")
+            return self.img
+
+    wide = Image.new("RGB", (60, 30), (255, 0, 0))
+    grey = Image.new("L", (20, 40), 128)
+    out, skipped = decode_images([Rec(wide), Rec(None), Rec(grey)], 16)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.uint8
+    assert out[0, 0].min() == 255 and out[1].float().mean() == pytest.approx(128, abs=1)
+    assert skipped == [{"path": "broken.jpg", "reason": "corrupt"}]
+    assert decode_images([wide, grey], 16)[0].shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("dino-*.toml")), ids=str)
+def test_recipes_set_only_known_pretrain_keys(recipe: Path) -> None:
+    from fewshot.config import apply, load_recipe
+
+    table = load_recipe(recipe)
+    assert set(table) == {"pretrain"}
+    cfg = apply(PretrainConfig(), table["pretrain"], source=f"recipe {recipe.name}")
+    assert cfg.method == "dino" and cfg.img_size % (cfg.patch_size or 16) == 0
+
+
+def test_warmup_is_steps_else_epochs_else_ten_epochs_capped_at_a_tenth() -> None:
+    from fewshot.pretrain_config import OptimConfig
+    from fewshot.train import _warmup_steps
+
+    assert _warmup_steps(OptimConfig(warmup_steps=7), 40, 1000) == 7
+    assert _warmup_steps(OptimConfig(warmup_epochs=2.5), 40, 1000) == 100
+    assert _warmup_steps(OptimConfig(), 40, 1000) == 100  # 10% of the run < 10 epochs (400)
+    assert _warmup_steps(OptimConfig(), 40, 100_000) == 400  # 10 epochs
