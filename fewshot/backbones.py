@@ -1,8 +1,9 @@
 """Backbone specs: one string names any feature extractor, built only through ``timm.create_model``.
 
 Grammar: ``SPEC[:key=value,key=value...]``. The suffix passes keyword arguments to ``timm.create_model``
-(``img_size``, ``patch_size``, ``depth``, ...) except three of ours: ``arch`` (the timm architecture of a
-foreign weights file), ``seed`` (random init) and ``size`` (pixels).
+(``img_size``, ``patch_size``, ``depth``, ...) except four of ours: ``arch`` (the timm architecture of a
+foreign weights file), ``seed`` (random init), ``size`` (pixels) and ``pool`` (this backbone's token pooling,
+overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one evaluation).
 
 - ``pixels`` / ``pixels:SIZE`` -- the image resized to SIZE x SIZE (default 32), flattened: the raw baseline;
 - a timm name, e.g. ``vit_tiny_patch16_224:img_size=32,patch_size=8`` -- random init (seeded): a baseline;
@@ -16,6 +17,7 @@ foreign weights file), ``seed`` (random init) and ``size`` (pixels).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import re
@@ -27,7 +29,6 @@ from typing import Any
 from fewshot.errors import FewshotError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_OURS = ("arch", "seed", "size")
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state", "module", "net", "network")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
 
@@ -40,6 +41,7 @@ class BackboneSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)  # for timm.create_model
     seed: int = 0
     size: int = 32
+    pool: str | None = None  # overrides the command's --pool for this backbone
 
 
 def parse_spec(spec: str) -> BackboneSpec:
@@ -48,6 +50,11 @@ def parse_spec(spec: str) -> BackboneSpec:
     if not spec:
         raise FewshotError("empty backbone spec; pass e.g. pixels, vit_small_patch16_224 or a run folder")
     base, options = _split_options(spec)
+    pool = options.pop("pool", None)
+    return dataclasses.replace(_parse(spec, base, options), pool=None if pool is None else str(pool))
+
+
+def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
     seed = int(options.pop("seed", 0))
     if base == "pixels":
         size = int(options.pop("size", options.pop("_positional", 32)))
@@ -116,13 +123,14 @@ class Backbone:
     architecture: str
     model_kwargs: dict[str, Any]
     load_report: str = ""  # missing / unexpected keys when weights were loaded
+    pool: str | None = None  # the spec's own pooling, overriding the command's
 
 
 def load_backbone(spec: str) -> Backbone:
     """Build the backbone a spec names, on the CPU, in eval mode."""
     parsed = parse_spec(spec)
     if parsed.kind == "pixels":
-        return _pixels(spec, parsed.size)
+        return _pixels(spec, parsed.size)  # pixels have no tokens to pool
     import timm
     import torch
 
@@ -152,12 +160,12 @@ def load_backbone(spec: str) -> Backbone:
         kwargs = {**json.loads(meta.get("model_kwargs", "{}")), **parsed.kwargs}
         model = _create(arch, kwargs)
         report = load_state(model, state, str(parsed.path))
-        parsed = BackboneSpec(parsed.kind, arch, parsed.path, kwargs, parsed.seed)
+        parsed = dataclasses.replace(parsed, name=arch, kwargs=kwargs)
         sha = file_sha256(parsed.path)  # type: ignore[arg-type]  # set for weights and runs
         data_cfg = {k: json.loads(meta[k]) for k in ("mean", "std", "crop_pct", "interpolation") if k in meta}
     model.eval()
     transform, desc = _timm_transform(model, data_cfg)
-    return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report)
+    return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report, parsed.pool)
 
 
 def _create(arch: str, kwargs: dict[str, Any]) -> Any:

@@ -33,7 +33,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 BACKBONE_HELP = (
     "Backbone spec: `pixels[:SIZE]`, a timm name with optional timm kwargs "
     "(`vit_tiny_patch16_224:img_size=64,patch_size=8`), a weights file (`.safetensors`/`.pth`, add `:arch=NAME` "
-    "if it doesn't say), a `fewshot pretrain` run folder, or `hf-hub:owner/name`."
+    "if it doesn't say), a `fewshot pretrain` run folder, or `hf-hub:owner/name`. Add `:pool=avg` to give one "
+    "backbone its own pooling."
 )
 Backbone = Annotated[str | None, typer.Option("--backbone", "-b", help=BACKBONE_HELP, show_default=False)]
 Backbones = Annotated[

@@ -70,9 +70,10 @@ def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True
     from fewshot.backbones import load_backbone
     from fewshot.sources import open_source
 
+    backbone = load_backbone(cfg.backbone)
+    cfg = replace(cfg, pool=backbone.pool or cfg.pool)  # a spec's own :pool= wins over --pool
     check_pool(cfg.pool)
     images = open_source(data)
-    backbone = load_backbone(cfg.backbone)
     key = _cache_key(images.fingerprint, backbone, cfg.pool)
     cached = cache_dir() / f"{key}.safetensors"
     if cfg.cache and cached.is_file():

@@ -139,3 +139,12 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not really")
     with pytest.raises(FewshotError, match="not a readable safetensors"):
         load_backbone(str(tmp_path / "junk.safetensors"))
+
+
+def test_pool_option_survives_every_kind_of_spec(tmp_path: Path) -> None:
+    source = tiny()
+    meta = {"architecture": ARCH, "model_kwargs": '{"img_size": 32, "patch_size": 8, "depth": 2}'}
+    save_file(source.state_dict(), str(tmp_path / "backbone.safetensors"), metadata=meta)
+    for spec in (f"{tmp_path}:pool=avg", f"{tmp_path / 'backbone.safetensors'}:pool=avg", TINY_VIT + ",pool=avg"):
+        assert load_backbone(spec).pool == "avg", spec
+    assert load_backbone(str(tmp_path)).pool is None

@@ -105,3 +105,11 @@ def test_batches_do_not_change_features(digits: tuple[Path, Path]) -> None:
     b = extract_features(digits[1], ExtractConfig(backbone=TINY_VIT, batch_size=64, cache=False), progress=False)
     np.testing.assert_allclose(a.features, b.features, atol=1e-5)
     assert a.paths == b.paths
+
+
+def test_a_spec_can_carry_its_own_pool(digits: tuple[Path, Path]) -> None:
+    """`-b runs/mae:pool=avg` beside `-b runs/dino` in one evaluation: the spec's pool wins over --pool."""
+    own = extract_features(digits[1], ExtractConfig(backbone=TINY_VIT + ",pool=cls+avg", pool="cls"), progress=False)
+    plain = extract_features(digits[1], ExtractConfig(backbone=TINY_VIT, pool="cls+avg"), progress=False)
+    assert own.meta["pool"] == "cls+avg" and own.features.shape == (24, 384)
+    np.testing.assert_allclose(own.features, plain.features, atol=1e-6)
