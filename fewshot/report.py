@@ -172,5 +172,4 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title(f"Label efficiency: mean accuracy over {report['seeds']} seeds, 95% CI shaded")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a curve
-    fig.tight_layout()
-    fig.savefig(Path(path), format="png")
+    fig.savefig(Path(path), format="png", bbox_inches="tight")  # grows the canvas to fit the outside legend
