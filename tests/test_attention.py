@@ -16,13 +16,13 @@ from fewshot.attention import (
     attention_maps,
     capture_attention,
     class_attention,
-    jaccard,
     mass_mask,
     run_attention,
     upsample,
 )
 from fewshot.backbones import load_backbone
 from fewshot.errors import FewshotError
+from fewshot.mask_quality import jaccard
 from tests.conftest import TINY_VIT
 
 REG_VIT = TINY_VIT + ",reg_tokens=4"  # class token + 4 registers
