@@ -130,6 +130,7 @@ def pretrain(
 
     Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
     """
+    from fewshot.runs import RunFolder
     from fewshot.sources import open_source
     from fewshot.train import pretrain as run
 
@@ -138,7 +139,7 @@ def pretrain(
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
     flags |= {"pretrain.seed": seed, "pretrain.init": init}
     cfg = _config(recipe, set_, flags)
-    if resume and not (out / "checkpoint.safetensors").is_file():
+    if resume and not RunFolder(out).has_checkpoint():
         raise FewshotError(f"--resume: '{out}' holds no checkpoint to continue; drop --resume to start a new run")
     images = open_source(data)
     _echo_skips(images.skipped)

@@ -5,18 +5,27 @@
     RUN/config.json                the resolved PretrainConfig, the data size and the derived hyperparameters
     RUN/metrics.jsonl              one JSON object per logging step ("kind": "step") and per epoch ("kind": "epoch")
     RUN/checkpoint.safetensors     everything needed to resume: model (student, teacher, buffers), optimiser
-                                   tensors and RNG states as tensors; step, optimiser groups as JSON metadata
+                                   tensors and RNG states as tensors; step, optimiser groups as JSON metadata.
+                                   A hard link to the newest of:
+    RUN/checkpoint-STEP.safetensors  the last KEEP_CHECKPOINTS checkpoints (STEP zero-padded); resume reads the
+                                   newest readable one, so a damaged newest falls back to the one before
+    RUN/.lock                      held (flock) by the one process writing the run; holds its pid
     RUN/backbone.safetensors       the exported backbone (DINO: the teacher's), loadable by timm (see save_backbone)
     RUN/tensorboard/               event files, when tensorboard is installed
 
-Files are written to a temporary name and moved into place with ``os.replace``, so a crash never leaves a
-half-written checkpoint. No pickle anywhere: safetensors and JSON only.
+Files are written to a temporary name, fsynced and moved into place with ``os.replace`` (then the folder is
+fsynced), so a crash or power loss never leaves a half-written checkpoint under a final name, and the previous
+checkpoint is only pruned once the new one is complete. No pickle anywhere: safetensors and JSON only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,8 @@ from torch import nn
 from fewshot.errors import FewshotError
 
 CHECKPOINT_FORMAT = "fewshot-checkpoint/1"
+KEEP_CHECKPOINTS = 2  # checkpoint-STEP files kept (PretrainConfig has no field for it)
+_STEP_FILE = re.compile(r"checkpoint-(\d+)\.safetensors")
 
 
 class RunFolder:
@@ -37,6 +48,50 @@ class RunFolder:
         self.checkpoint = self.root / "checkpoint.safetensors"
         self.backbone = self.root / "backbone.safetensors"
         self.tensorboard = self.root / "tensorboard"
+        self.lockfile = self.root / ".lock"
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.root / f"checkpoint-{step:09d}.safetensors"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The checkpoint-STEP files as (step, path), newest first."""
+        found = [
+            (int(m.group(1)), p)
+            for p in self.root.glob("checkpoint-*.safetensors")
+            if (m := _STEP_FILE.fullmatch(p.name))
+        ]
+        return sorted(found, reverse=True)
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint.is_file() or bool(self.checkpoints())
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive, non-blocking ``flock`` on RUN/.lock for the block: one writer per run folder. The OS
+        drops the lock when the holder dies, so a crashed (even SIGKILLed) run never leaves the folder stuck."""
+        import fcntl
+
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise FewshotError(
+                    f"run folder {self.root} is in use by another fewshot pretrain (pid {holder}); "
+                    "wait for it or use another --out"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            for stale in self.root.glob("*.safetensors.tmp"):  # half-written by a killed run: only this writer now
+                stale.unlink(missing_ok=True)
+            try:
+                yield
+            finally:
+                # the file stays (unlinking it would let a third process lock a different inode)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def create(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -71,17 +126,81 @@ def _step_of(line: str) -> int:
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    _commit(tmp, path)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk, rename it to ``path`` atomically, and flush the rename (the folder entry)."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. platforms that cannot open folders
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     # safetensors refuses shared or strided storage: give it contiguous copies
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _commit(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def save_run_checkpoint(
+    run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write checkpoint-STEP (``state["step"]``) crash-safely, point checkpoint.safetensors at it, then prune to
+    the newest KEEP_CHECKPOINTS. Older checkpoints are only deleted once the new one is complete on disk."""
+    step = int(state["step"])
+    path = run.step_checkpoint(step)
+    save_checkpoint(path, model, optimizer, state)
+    tmp = run.checkpoint.with_name(run.checkpoint.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # same bytes, no extra disk
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    _commit(tmp, run.checkpoint)
+    found = run.checkpoints()
+    # steps after this one belong to a timeline the resume discarded (e.g. after a damaged newest checkpoint)
+    keep = {s for s, _ in found if s <= step}
+    keep = set(sorted(keep, reverse=True)[:KEEP_CHECKPOINTS])
+    for old_step, old in found:
+        if old_step not in keep:
+            old.unlink(missing_ok=True)
+
+
+def load_run_checkpoint(
+    run: RunFolder,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict, Path]:
+    """The newest readable checkpoint of ``run`` (see :func:`load_checkpoint`) and its path; an unreadable newest
+    (e.g. truncated by a full disk) falls back to the one before."""
+    candidates = [p for _, p in run.checkpoints()] or [run.checkpoint]  # runs from before checkpoint-STEP files
+    errors = []
+    for path in candidates:
+        try:
+            return (*load_checkpoint(path), path)
+        except FewshotError as exc:
+            errors.append(str(exc))
+    raise FewshotError(
+        errors[0]
+        if len(errors) == 1
+        else f"no readable checkpoint in {run.root} ({errors[0]}); delete the checkpoint files to start the run over"
+    )
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from fewshot.errors import FewshotError
 from fewshot.methods import get_method
 from fewshot.methods.base import Method, RunPlan
 from fewshot.pretrain_config import PretrainConfig
-from fewshot.runs import RunFolder, load_checkpoint, restore_rng, save_backbone, save_checkpoint
+from fewshot.runs import RunFolder, load_run_checkpoint, restore_rng, save_backbone, save_run_checkpoint
 from fewshot.schedules import capped_steps, cosine
 
 # settings that may change when a run is resumed; anything else must match the run's config.json
@@ -43,7 +43,13 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     cfg = getattr(cfg, "pretrain", cfg)
     run = RunFolder(Path(out))
     run.create()
-    resume = run.checkpoint.is_file()
+    with run.lock():  # one writer per run folder, for the whole run
+        return _pretrain(images, cfg, run, progress)
+
+
+def _pretrain(images: Any, cfg: PretrainConfig, run: RunFolder, progress: bool) -> dict[str, Any]:
+    out = run.root
+    resume = run.has_checkpoint()
     if resume:
         _check_resumable(run, cfg)
     device, autocast = _device(cfg)
@@ -70,7 +76,10 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **method.resolved()}
     start = 0
     if resume:
-        model_state, opt_state, rng, state = load_checkpoint(run.checkpoint)
+        model_state, opt_state, rng, state, path = load_run_checkpoint(run)
+        newest = run.checkpoints()
+        if newest and path != newest[0][1]:
+            tqdm.write(f"warning: the newest checkpoint is unreadable; resuming from {path.name}", file=sys.stderr)
         if state.get("n_images") != n:
             raise FewshotError(
                 f"run {out} was trained on {state.get('n_images')} images, now {n}; pass the same data to resume it"
@@ -141,8 +150,11 @@ class _Loop:
             bar.update(1)
             done = step + 1
             end_of_epoch = done % per_epoch == 0 or done == total
+            if self.device.type == "cpu" or done % cfg.log_every == 0 or end_of_epoch:
+                # A host sync: free on the CPU, so a diverged run stops after the step that diverged; on a GPU only
+                # at log steps (the loop has no other sync), and always before a checkpoint could save NaNs.
+                self._check_finite(int(bad), per_epoch)
             if done % cfg.log_every == 0 or end_of_epoch:
-                self._check_finite(int(bad), per_epoch)  # the only host sync (besides .item() below)
                 now = time.perf_counter()
                 logs = {k: float(v) / n_acc for k, v in acc.items()}
                 for k, v in logs.items():
@@ -187,11 +199,13 @@ class _Loop:
 
     def _save(self, done: int) -> None:
         m = self.method
-        state = {"step": done, "n_images": self.plan.n_images, "total_steps": self.plan.total_steps}
-        save_checkpoint(self.folder.checkpoint, m, self.opt, state)
         extra = {"method": self.cfg.method, "step": done, "total_steps": self.plan.total_steps}
+        # the backbone first: a run killed between the two resumes from the previous checkpoint and rewrites it,
+        # whereas a final checkpoint written first would make the resume skip a backbone that was never saved
         save_backbone(self.folder.backbone, m.export_backbone(), m.architecture, m.model_kwargs, self.cfg.mean,
                       self.cfg.std, self.cfg.img_size, extra)  # fmt: skip
+        state = {"step": done, "n_images": self.plan.n_images, "total_steps": self.plan.total_steps}
+        save_run_checkpoint(self.folder, m, self.opt, state)
 
     def _tensorboard(self, record: dict[str, Any], step: int) -> None:
         if self.writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,45 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # bit-identical to the uninterrupted run
 
 
+def test_a_kill_right_after_the_final_checkpoint_leaves_the_final_backbone(
+    images: torch.Tensor, finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fewshot.train
+
+    original = fewshot.train.save_run_checkpoint
+
+    def die_after_the_last(run: Any, model: Any, opt: Any, state: dict) -> None:
+        original(run, model, opt, state)
+        if state["step"] == state["total_steps"]:
+            raise KeyboardInterrupt  # as if killed before anything after the final checkpoint ran
+
+    monkeypatch.setattr(fewshot.train, "save_run_checkpoint", die_after_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(images, CFG, tmp_path, progress=False)
+    monkeypatch.setattr(fewshot.train, "save_run_checkpoint", original)
+    pretrain(images, CFG, tmp_path, progress=False)  # already finished: nothing to redo
+    resumed = load_file(str(tmp_path / "backbone.safetensors"))
+    straight = load_file(str(finished / "backbone.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(
+    images: torch.Tensor, finished: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    newest = tmp_path / "checkpoint-000000004.safetensors"
+    assert {p.name for p in tmp_path.glob("checkpoint-*")} == {newest.name, "checkpoint-000000002.safetensors"}
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, e.g. by a full disk
+    (tmp_path / "checkpoint.safetensors").write_bytes(newest.read_bytes())
+    pretrain(images, CFG, tmp_path, progress=False)  # resumes at step 2 and redoes steps 2, 3
+    resumed = load_file(str(tmp_path / "backbone.safetensors"))
+    straight = load_file(str(finished / "backbone.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert load_file(str(newest)).keys() == load_file(str(finished / "checkpoint.safetensors")).keys()
+
+
 _FORWARD = DINO.forward
 
 
@@ -113,15 +153,20 @@ def test_resume_with_other_settings_is_refused(images: torch.Tensor, finished: P
 
 
 def test_non_finite_loss_stops_with_the_step(images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    seen: list[int] = []
+
     def nan_loss(self: DINO, batch: dict, step: int) -> dict:
+        seen.append(step)
         out = _FORWARD(self, batch, step)
         if step == 1:
             out["loss"] = out["loss"] * float("nan")
         return out
 
     monkeypatch.setattr(DINO, "forward", nan_loss)
+    cfg = dataclasses.replace(CFG, log_every=50)  # on the CPU the check does not wait for a log step
     with pytest.raises(FewshotError, match=r"non-finite at step 1 .*lower learning rate"):
-        pretrain(images, CFG, tmp_path, progress=False)
+        pretrain(images, cfg, tmp_path, progress=False)
+    assert seen == [0, 1]  # stopped within one step
 
 
 def test_bad_settings_are_one_line_errors(images: torch.Tensor, tmp_path: Path) -> None:
