@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,44 @@ def test_pool_option_survives_every_kind_of_spec(tmp_path: Path) -> None:
     for spec in (f"{tmp_path}:pool=avg", f"{tmp_path / 'backbone.safetensors'}:pool=avg", TINY_VIT + ",pool=avg"):
         assert load_backbone(spec).pool == "avg", spec
     assert load_backbone(str(tmp_path)).pool is None
+
+
+HUB_CHECK = """
+import json, sys, torch, timm
+from pathlib import Path
+from safetensors.torch import save_file
+from fewshot.backbones import load_backbone
+root = Path(sys.argv[1]) / "hub" / "models--acme--tiny-vit"
+snapshot = root / "snapshots" / ("0" * 40)
+snapshot.mkdir(parents=True)
+(root / "refs").mkdir()
+(root / "refs" / "main").write_text("0" * 40)
+kwargs = {"img_size": 32, "patch_size": 8, "depth": 2}
+torch.manual_seed(3)
+source = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
+save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+cfg = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bicubic"}
+config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": kwargs, "pretrained_cfg": cfg}
+(snapshot / "config.json").write_text(json.dumps(config))
+bb = load_backbone("hf-hub:acme/tiny-vit")
+same = all(torch.equal(v, source.state_dict()[k]) for k, v in bb.model.state_dict().items())
+print(same, json.loads(bb.transform_desc)["input_size"], bb.weights_sha256.startswith("hub:"))
+"""
+
+
+def test_hf_hub_names_load_through_timm_from_a_local_hub_cache(tmp_path: Path) -> None:
+    """The real hub code path, offline: a repository laid out in the local Hugging Face cache."""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}  # read when huggingface_hub is imported
+    out = subprocess.run([sys.executable, "-c", HUB_CHECK, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-5:] == ["True", "[3,", "32,", "32]", "True"]
+
+
+def test_unreachable_hub_name_is_one_line(tmp_path: Path) -> None:
+    code = "from fewshot.backbones import load_backbone; load_backbone('hf-hub:acme/missing')"
+    wrapped = (
+        f"from fewshot.errors import FewshotError\ntry:\n    {code}\nexcept FewshotError as e:\n    print('ERR', e)"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", wrapped], env=env, capture_output=True, text=True)
+    assert out.stdout.startswith("ERR cannot load 'hf-hub:acme/missing'"), out.stdout + out.stderr[-1000:]
