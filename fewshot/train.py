@@ -319,15 +319,9 @@ def _warmup_steps(optim: Any, per_epoch: int, total: int) -> int:
 
 def _device(cfg: PretrainConfig) -> tuple[torch.device, bool]:
     """The device and whether to use bf16 autocast (CUDA only: CPUs without bf16 units run it 7–100× slower)."""
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FewshotError(f"unknown device '{cfg.device}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FewshotError(f"device '{cfg.device}' asked for, but CUDA is not available here; use --device cpu")
+    from fewshot.features import pick_device
+
+    device = pick_device(cfg.device)
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise FewshotError(f"precision '{cfg.precision}' is not one of auto, fp32, bf16")
     if cfg.precision == "bf16" and device.type != "cuda":
