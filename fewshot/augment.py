@@ -2,11 +2,16 @@
 photometric recipe, Grill et al. 2020) without a per-image PIL pipeline.
 
 Images are decoded once into a ``(N, 3, S, S)`` uint8 tensor; every step augments the whole batch with tensor
-ops and one seeded ``torch.Generator``: random resized crops through ``torchvision.ops.roi_align`` (adaptive
-sampling averages several bilinear taps per output pixel, so downscaled crops are anti-aliased like PIL's),
-horizontal flips, colour jitter in a random per-image order, grayscale, Gaussian blur with a per-image sigma,
-solarisation, normalisation. Every probability is drawn per image, so one call does what DINO's ``DataLoader``
-does image by image.
+ops and one seeded ``torch.Generator``: random resized crops with horizontal flips, colour jitter in a random
+per-image order, grayscale, Gaussian blur with a per-image sigma, solarisation, normalisation. Every probability
+is drawn per image, so one call does what DINO's ``DataLoader`` does image by image.
+
+Crops are resampled exactly as ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)`` would (bilinear
+taps averaged over ``ceil(box / output)`` samples per output pixel, so downscaled crops are anti-aliased like
+PIL's), but that resampling is separable: it is a ``(size, S)`` matrix per axis and a crop is ``My @ image @ Mxᵀ``,
+two batched matmuls (BLAS, multi-threaded, where roi_align's CPU kernel loops over boxes on one thread); a flip
+reverses the rows of ``Mx``. Normalisation is folded into the colour map, so the pipeline makes few passes over
+the pixels.
 
 Two approximations make the colour step one batched 3×3 matrix product per image: jitter and grayscale are
 composed into a single affine map with one clamp at the end (torchvision clamps after each op), and the hue
@@ -21,7 +26,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, exactly as torchvision's rgb_to_grayscale
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of torchvision's RandomResizedCrop
@@ -50,6 +54,45 @@ def crop_boxes(n: int, side: int, scale: Sequence[float], gen: torch.Generator, 
     x1 = torch.rand(n, generator=gen, device=device) * (1 - w)
     y1 = torch.rand(n, generator=gen, device=device) * (1 - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], 1) * side  # (n, 4)
+
+
+def resample_matrix(start: Tensor, end: Tensor, size: int, side: int, flip: Tensor | None = None) -> Tensor:
+    """``(n, size, side)`` matrices taking ``side`` pixels to ``size`` samples of the spans ``[start, end)``
+    (pixel edges, shape ``(n,)``) with roi_align's taps: output pixel ``p`` averages ``g = ceil(span / size)``
+    bilinear samples at ``start - ½ + (p + (i + ½) / g) · span / size``, clamped to the border pixels.
+    Where ``flip`` (n,) is set the rows come in reverse order (a mirrored crop)."""
+    n, dev = start.shape[0], start.device
+    span = (end - start).view(n, 1, 1)
+    taps = math.ceil(side / size)  # the most any span ≤ side needs: a static count, so no host sync on GPUs
+    grid = torch.ceil(span / size).clamp(1, taps)  # (n, 1, 1) samples per output pixel (≤ taps despite rounding)
+    p = torch.arange(size, device=dev, dtype=start.dtype).view(1, size, 1)
+    if flip is not None:
+        p = torch.where(flip.view(n, 1, 1), size - 1 - p, p)  # (n, size, 1)
+    i = torch.arange(taps, device=dev, dtype=start.dtype).view(1, 1, taps)
+    pos = (start.view(n, 1, 1) - 0.5 + (p + (i + 0.5) / grid) * span / size).clamp(0, side - 1)  # (n, size, taps)
+    low = pos.floor()
+    frac = pos - low
+    weight = (i < grid) / grid  # (n, 1, taps): unused taps weigh 0
+    low = low.long()
+    high = (low + 1).clamp_max(side - 1)
+    m = torch.zeros(n, size, side, device=dev, dtype=start.dtype)
+    m.scatter_add_(2, low, (1 - frac) * weight)
+    return m.scatter_add_(2, high, frac * weight)  # (n, size, side), rows sum to 1
+
+
+def resized_crops(src: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Crops ``boxes (V, B, 4)`` (x1, y1, x2, y2) of the float images ``src (B, 3, S, S)``, resized to ``size``
+    and mirrored where ``flip (V, B)``; returns ``(V·B, 3, size, size)``, view-major."""
+    v, b, _ = boxes.shape
+    side = src.shape[-1]
+    box, flips = boxes.flatten(0, 1), flip.flatten()
+    mx = resample_matrix(box[:, 0], box[:, 2], size, side, flips).view(v, b, size, side)
+    my = resample_matrix(box[:, 1], box[:, 3], size, side).view(v, b, size, side)
+    out = torch.empty(v, b, 3, size, size, device=src.device, dtype=src.dtype)
+    for k in range(v):  # a loop over views (2 or a few), not images
+        cols = torch.bmm(src.view(b, 3 * side, side), mx[k].transpose(1, 2)).view(b, 3, side, size)  # (B, 3, S, l)
+        torch.matmul(my[k].unsqueeze(1), cols, out=out[k])  # (B, 1, l, S) @ (B, 3, S, l) -> (B, 3, l, l)
+    return out.view(v * b, 3, size, size)
 
 
 def colour_matrix(
@@ -92,17 +135,42 @@ def colour_matrix(
     return g @ a, g @ c
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Blur each image with its own sigma (pixels), separable kernel of radius ceil(3 · max sigma), reflect pad."""
-    n, c, h, w = x.shape
-    radius = max(1, min(math.ceil(3.0 * float(sigma.max())), (min(h, w) - 1)))
+def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
+    """Blur each image with its own sigma (pixels), separable kernel of radius ceil(3 · max sigma), reflect pad.
+
+    ``max_sigma`` (the largest sigma that can be drawn) fixes the radius without reading ``sigma`` back to the
+    host, and makes an image's kernel independent of the other images' sigmas (the extra taps weigh ~0)."""
+    n, _, h, w = x.shape
+    top = float(sigma.max()) if max_sigma is None else max_sigma
+    radius = max(1, min(math.ceil(3.0 * top), (min(h, w) - 1)))
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
     kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1)) ** 2)  # (n, k)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n·c, k)
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)  # vertical pass
-    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)  # horizontal pass
-    return y.view(n, c, h, w)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, 1, 1, -1)  # (n, 1, 1, 1, k)
+    # a weighted sum of 2·radius + 1 shifted copies per pass: for the few-pixel radii of small crops this is about
+    # twice as fast on CPUs as a depthwise conv2d with one group per image and channel, and about as fast at 224 px
+    y = F.pad(x, (0, 0, radius, radius), mode="reflect")  # (n, 3, h + 2r, w)
+    out = y[:, :, :h] * kernel[..., 0]
+    for j in range(1, 2 * radius + 1):
+        out.addcmul_(y[:, :, j : j + h], kernel[..., j])  # vertical pass
+    y = F.pad(out, (radius, radius, 0, 0), mode="reflect")  # (n, 3, h, w + 2r)
+    out = y[..., :w] * kernel[..., 0]
+    for j in range(1, 2 * radius + 1):
+        out.addcmul_(y[..., j : j + w], kernel[..., j])  # horizontal pass
+    return out  # (n, 3, h, w)
+
+
+class _Draw:
+    """Random numbers for ``n_views`` views of a batch of ``total`` images, of which this process keeps ``rows``."""
+
+    def __init__(self, gen: torch.Generator, rows: slice, total: int, device: torch.device) -> None:
+        self.gen, self.rows, self.total, self.device = gen, rows, total, device
+
+    def keep(self, values: Tensor, n_views: int) -> Tensor:
+        """``(n_views · total, ...)`` view-major values -> ``(n_views · b, ...)``: this process's rows of each view."""
+        return values.view(n_views, self.total, *values.shape[1:])[:, self.rows].flatten(0, 1)
+
+    def rand(self, n_views: int, *shape: int) -> Tensor:
+        return self.keep(torch.rand(n_views * self.total, *shape, generator=self.gen, device=self.device), n_views)
 
 
 class MultiCrop:
@@ -145,7 +213,11 @@ class MultiCrop:
         self.blur_sigma = tuple(s * global_size / 224.0 for s in blur_sigma)
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def __call__(self, images: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+    def __call__(
+        self, images: Tensor, gen: torch.Generator, rows: slice = slice(None), total: int | None = None
+    ) -> dict[str, Tensor]:
+        """``images`` are the rows ``rows`` of a batch of ``total`` (torchrun; default: the whole batch): the random
+        numbers are drawn for all ``total`` images and these rows kept, so the views do not depend on the split."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, S, S) uint8 batch, got {tuple(images.shape)} {images.dtype}")
         b = images.shape[0]
@@ -153,45 +225,50 @@ class MultiCrop:
         ones = torch.ones(b, device=images.device)
         blur_g = torch.cat([ones * self.blur_probs[0], ones * self.blur_probs[1]])  # (2B,) per-view probabilities
         solar_g = torch.cat([ones * 0.0, ones * self.solarize_prob])
-        out = {"global": self._views(src, 2, self.global_size, self.global_scale, blur_g, solar_g, gen)}
+        draw = _Draw(gen, rows, total or b, images.device)
+        out = {"global": self._views(src, 2, self.global_size, self.global_scale, blur_g, solar_g, draw)}
         if self.n_local > 0:
             probs = ones.repeat(self.n_local)
             out["local"] = self._views(src, self.n_local, self.local_size, self.local_scale, probs * self.blur_probs[2],
-                                       probs * 0.0, gen)  # fmt: skip
+                                       probs * 0.0, draw)  # fmt: skip
         return out
 
     def _views(
         self, src: Tensor, n_views: int, size: int, scale: tuple[float, ...], blur_p: Tensor, solar_p: Tensor,
-        gen: torch.Generator,
+        draw: _Draw,
     ) -> Tensor:  # fmt: skip
         b, _, side, _ = src.shape
-        n, dev = b * n_views, src.device
-        idx = torch.arange(b, device=dev, dtype=src.dtype).repeat(n_views)  # (n,) source image of each view
-        boxes = torch.cat([idx[:, None], crop_boxes(n, side, scale, gen, dev)], 1)  # (n, 5)
-        x = roi_align(src, boxes, (size, size), sampling_ratio=-1, aligned=True)  # (n, 3, size, size) in 0..255
-        flip = (torch.rand(n, generator=gen, device=dev) < self.flip_prob).nonzero().squeeze(1)
-        x[flip] = x[flip].flip(-1)
+        n, dev, gen, k = b * n_views, src.device, draw.gen, draw.total * n_views  # k: views of the whole batch
+        boxes = draw.keep(crop_boxes(k, side, scale, gen, dev), n_views).view(n_views, b, 4)
+        flip = draw.rand(n_views) < self.flip_prob
+        x = resized_crops(src, boxes, flip.view(n_views, b), size)  # (n, 3, size, size) in 0..255
         # colour jitter with p jitter_prob, ops in a random order per image, then grayscale with p grayscale_prob
-        jitter = torch.rand(n, generator=gen, device=dev) < self.jitter_prob
+        jitter = draw.rand(n_views) < self.jitter_prob
         factors = [
-            _uniform(n, 1 - self.brightness, 1 + self.brightness, gen, dev),
-            _uniform(n, 1 - self.contrast, 1 + self.contrast, gen, dev),
-            _uniform(n, 1 - self.saturation, 1 + self.saturation, gen, dev),
-            _uniform(n, -self.hue, self.hue, gen, dev),
+            draw.keep(_uniform(k, 1 - self.brightness, 1 + self.brightness, gen, dev), n_views),
+            draw.keep(_uniform(k, 1 - self.contrast, 1 + self.contrast, gen, dev), n_views),
+            draw.keep(_uniform(k, 1 - self.saturation, 1 + self.saturation, gen, dev), n_views),
+            draw.keep(_uniform(k, -self.hue, self.hue, gen, dev), n_views),
         ]
-        order = torch.rand(n, 4, generator=gen, device=dev).argsort(1)  # (n, 4) a permutation per image
+        order = draw.rand(n_views, 4).argsort(1)  # (n, 4) a permutation per image
         order = torch.where(jitter.view(-1, 1), order, -1)
-        to_gray = torch.rand(n, generator=gen, device=dev) < self.grayscale_prob
+        to_gray = draw.rand(n_views) < self.grayscale_prob
         a, c = colour_matrix(x.mean((2, 3)), order, factors, to_gray, scale=1 / 255)
-        x = torch.baddbmm(c, a, x.view(n, 3, size * size)).clamp_(0, 1).view(n, 3, size, size)
-        blur = (torch.rand(n, generator=gen, device=dev) < blur_p).nonzero().squeeze(1)
-        sigma = _uniform(n, self.blur_sigma[0], self.blur_sigma[1], gen, dev)
+        # normalisation is folded into the colour map (then clamp to the normalised [0, 1]); blur and solarisation
+        # work on normalised values: blur has unit-sum kernels per channel so it commutes with a per-channel affine
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1)
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1)
+        x = torch.baddbmm((c - mean) / std, a / std, x.view(n, 3, size * size)).view(n, 3, size, size)
+        for ch, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):  # scalar bounds: far faster than tensors
+            x[:, ch].clamp_(-m / s, (1 - m) / s)  # the normalised 0 and 1
+        # blur and solarise only the images drawn for them (index select), not all images then a mask
+        blur = (draw.rand(n_views) < blur_p).nonzero().squeeze(1)
+        sigma = draw.keep(_uniform(k, self.blur_sigma[0], self.blur_sigma[1], gen, dev), n_views)
         if blur.numel():
-            x[blur] = gaussian_blur(x[blur], sigma[blur])
-        solar = (torch.rand(n, generator=gen, device=dev) < solar_p).nonzero().squeeze(1)
-        if solar.numel():
-            xs = x[solar]
-            x[solar] = torch.where(xs >= 128 / 255, 1.0 - xs, xs)
-        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-        shift = -torch.tensor(self.mean, device=dev).view(1, 3, 1, 1) / std
-        return torch.addcmul(shift, x, 1 / std)  # (n, 3, size, size) float32, normalised
+            x.index_copy_(0, blur, gaussian_blur(x.index_select(0, blur), sigma[blur], self.blur_sigma[1]))
+        solar = (draw.rand(n_views) < solar_p).nonzero().squeeze(1)
+        if solar.numel():  # x ↦ 1 - x where x ≥ 128/255, in normalised units
+            xs = x.index_select(0, solar)
+            at, turn = ((128 / 255 - mean) / std).unsqueeze(-1), ((1 - 2 * mean) / std).unsqueeze(-1)  # (1, 3, 1, 1)
+            x.index_copy_(0, solar, torch.where(xs >= at, turn - xs, xs))
+        return x  # (n, 3, size, size) float32, normalised

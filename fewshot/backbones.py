@@ -90,22 +90,28 @@ def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
-    """'vit_x:img_size=32,depth=2' -> ('vit_x', {'img_size': 32, 'depth': 2}); 'pixels:64' -> positional."""
-    head, sep, tail = spec.rpartition(":")
-    if not sep or not head or Path(spec).exists() or head in ("hf-hub",):
-        return spec, {}
-    if re.fullmatch(r"\d+", tail):
-        return head, {"_positional": int(tail)}
-    if not re.fullmatch(r"\w+=[^,=]+(,\w+=[^,=]+)*", tail):
-        return spec, {}
-    options: dict[str, Any] = {}
-    for pair in tail.split(","):
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return head, options
+    """'vit_x:img_size=32,depth=2' -> ('vit_x', {'img_size': 32, 'depth': 2}); 'pixels:64' -> positional.
+    Several groups are one: 'vit_x:img_size=32:pool=avg' == 'vit_x:img_size=32,pool=avg'."""
+    head, options = spec, {}
+    while True:
+        base, sep, tail = head.rpartition(":")
+        if not sep or not base or Path(head).exists() or base == "hf-hub":
+            return head, options
+        if re.fullmatch(r"\d+", tail) and not options:
+            options = {"_positional": int(tail)}
+        elif re.fullmatch(r"\w+=[^,=]+(,\w+=[^,=]+)*", tail):
+            pairs = (pair.split("=", 1) for pair in tail.split(","))
+            options = {**{key: _literal(value) for key, value in pairs}, **options}  # the later group wins
+        else:
+            return head, options
+        head = base
+
+
+def _literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -83,8 +83,15 @@ def _config(recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], 
     return build_config(recipe, sets or (), flags, base=base)
 
 
+def _leader() -> bool:
+    """False in the torchrun processes other than rank 0: they train or extract but stay silent."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _echo_skips(skipped: list[dict[str, str]]) -> None:
-    if skipped:
+    if skipped and _leader():
         from fewshot.sources import summarize_skips
 
         typer.secho(summarize_skips(skipped), fg=typer.colors.YELLOW)
@@ -118,6 +125,9 @@ def pretrain(
         str | None, typer.Option("--init", help="Start from weights: .safetensors/.pth file or a run folder.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Require an existing run folder to continue.")] = False,
+    monitor: Annotated[
+        str | None, typer.Option("--monitor", help="Labelled images: log the backbone's k-NN accuracy every epoch.")
+    ] = None,
     recipe: Recipe = None,
     set_: Sets = None,
     quiet: Quiet = False,
@@ -129,6 +139,8 @@ def pretrain(
     evaluate and attention.
 
     Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
+
+    Several GPUs or nodes: `torchrun --nproc_per_node=8 -m fewshot pretrain ...` (--batch-size is the global batch).
     """
     from fewshot.runs import RunFolder
     from fewshot.sources import open_source
@@ -137,14 +149,15 @@ def pretrain(
     names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "batch_size", "device")
     values = (method, model, img_size, patch_size, depth, epochs, steps, batch_size, device)
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
-    flags |= {"pretrain.seed": seed, "pretrain.init": init}
+    flags |= {"pretrain.seed": seed, "pretrain.init": init, "pretrain.monitor": monitor}
     cfg = _config(recipe, set_, flags)
     if resume and not RunFolder(out).has_checkpoint():
         raise FewshotError(f"--resume: '{out}' holds no checkpoint to continue; drop --resume to start a new run")
     images = open_source(data)
     _echo_skips(images.skipped)
-    run(images, cfg, out, progress=not quiet)
-    typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
+    run(images, cfg, out, progress=not quiet and _leader())
+    if _leader():
+        typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
 
 
 @command
@@ -167,10 +180,11 @@ def extract(
 
     flags = {"extract.backbone": backbone, "extract.pool": pool, "extract.batch_size": batch_size}
     cfg = _config(recipe, set_, {**flags, "extract.device": device})
-    feats = run(data, out=out, cfg=cfg, progress=not quiet)
+    feats = run(data, out=out, cfg=cfg, progress=not quiet and _leader())
     _echo_skips(feats.skipped)
     n, d = feats.features.shape
-    typer.echo(f"{n} images -> {n}x{d} features ({len(feats.classes)} classes) written to {out}")
+    if _leader():
+        typer.echo(f"{n} images -> {n}x{d} features ({len(feats.classes)} classes) written to {out}")
 
 
 @command

@@ -58,7 +58,9 @@ def extract(
     if pool is not None:
         ecfg = replace(ecfg, pool=pool)
     feats = extract_features(data, ecfg, progress=progress)
-    if out is not None:
+    from fewshot import distributed
+
+    if out is not None and distributed.is_main():
         out = Path(out)
         save_features(feats, out)
         save_config(replace(cfg, extract=ecfg), out.with_suffix(".config.json"), data=str(data))
@@ -67,9 +69,11 @@ def extract(
 
 def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True) -> Features:
     """Features of every readable image in ``data`` with ``cfg.backbone``; cached unless ``cfg.cache`` is off."""
+    from fewshot import distributed
     from fewshot.backbones import load_backbone
     from fewshot.sources import open_source
 
+    ranks = distributed.setup(pick_device(cfg.device))  # under torchrun the images are shared out among ranks
     backbone = load_backbone(cfg.backbone)
     cfg = replace(cfg, pool=backbone.pool or cfg.pool)  # a spec's own :pool= wins over --pool
     check_pool(cfg.pool)
@@ -81,7 +85,7 @@ def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True
             return load_features(cached)
         except FewshotError:
             cached.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
-    feats = _compute(images, backbone, cfg, progress)
+    feats = _compute(images, backbone, cfg, progress and ranks.main, ranks)
     feats.meta.update(
         backbone=cfg.backbone,
         architecture=backbone.architecture,
@@ -91,7 +95,7 @@ def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True
         transform=backbone.transform_desc,
         data=str(data),
     )
-    if cfg.cache:
+    if cfg.cache and ranks.main:
         save_features(feats, cached)
     return feats
 
@@ -104,15 +108,16 @@ def check_pool(pool: str) -> None:
 # ---------------------------------------------------------------------------------------------- computing
 
 
-def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> Features:
+def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ranks: Any) -> Features:
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    device = pick_device(cfg.device)
+    device = ranks.device(pick_device(cfg.device))
     model = backbone.model.to(device) if backbone.model is not None else None
+    share = range(ranks.rank, len(images), ranks.world)  # this rank's images (all of them in one process)
     loader: DataLoader[Any] = DataLoader(
-        _Decoded(images, backbone.transform),  # type: ignore[arg-type]  # a map-style dataset by protocol
+        _Decoded(images, backbone.transform, share),  # type: ignore[arg-type]  # a map-style dataset by protocol
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         collate_fn=_collate,
@@ -120,8 +125,8 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> 
     )
     out: np.ndarray | None = None  # (N, D), allocated once the first batch tells D: memory stays flat
     kept: list[int] = []
-    skipped = list(images.skipped)
-    bar = tqdm(total=len(images), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
+    skipped: list[dict[str, str]] = []
+    bar = tqdm(total=len(share), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
     with torch.inference_mode():
         for x, index, bad in loader:
             skipped += bad
@@ -130,11 +135,14 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> 
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     z = embed(model, x, cfg.pool) if model is not None else x.flatten(1)  # (B, D)
                 if out is None:
-                    out = np.empty((len(images), z.shape[1]), dtype=np.float32)
+                    out = np.empty((len(share), z.shape[1]), dtype=np.float32)
                 out[len(kept) : len(kept) + len(index)] = z.float().cpu().numpy()
                 kept += index
             bar.update(len(index) + len(bad))
     bar.close()
+    if ranks.world > 1:
+        out, kept, skipped = _gather(out, kept, skipped, len(images), device)
+    skipped = list(images.skipped) + skipped
     if out is None:
         reasons = "; ".join(sorted({s["reason"] for s in skipped}))[:200]
         raise FewshotError(f"no readable images in '{images.source}' (all {len(skipped)} skipped: {reasons})")
@@ -143,18 +151,33 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool) -> 
     return Features(out[: len(kept)], labels, list(images.classes), paths, skipped)
 
 
-class _Decoded:
-    """Map-style dataset: decoded, transformed image ``i`` or the reason it could not be read."""
+def _gather(out: np.ndarray | None, kept: list[int], skipped: list[dict[str, str]], n: int, device: Any) -> tuple:
+    """Every rank's features, in the images' order, on every rank (torchrun)."""
+    import torch
 
-    def __init__(self, images: Any, transform: Any) -> None:
-        self.images, self.transform = images, transform
+    from fewshot import distributed
+
+    on = device if device.type == "cuda" else torch.device("cpu")  # NCCL gathers GPU tensors, gloo CPU ones
+    dim = int(distributed.max_(torch.tensor(0 if out is None else out.shape[1], device=on)))
+    mine = torch.from_numpy(out[: len(kept)]) if out is not None else torch.zeros(0, dim)  # (n_rank, D)
+    values, index = distributed.gather_rows(mine.to(on), torch.tensor(kept, dtype=torch.long, device=on), n)
+    skipped = sorted(distributed.gather_objects(skipped), key=lambda s: s["path"])
+    return (values.cpu().numpy() if len(index) else None), index.tolist(), skipped
+
+
+class _Decoded:
+    """Map-style dataset over the images ``ids``: decoded, transformed image or the reason it could not be read."""
+
+    def __init__(self, images: Any, transform: Any, ids: range) -> None:
+        self.images, self.transform, self.ids = images, transform, ids
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[Any, int, str]:
+    def __getitem__(self, j: int) -> tuple[Any, int, str]:
         from fewshot.images import UnreadableImage
 
+        i = self.ids[j]
         try:
             return self.transform(self.images.load(i)), i, ""
         except UnreadableImage as exc:

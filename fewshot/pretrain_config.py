@@ -95,13 +95,15 @@ class PretrainConfig:
     init: str | None = None  # start from these weights (a .safetensors/.pth file or a run folder); None: random
     epochs: int = 100
     steps: int | None = None  # total optimiser steps; overrides epochs when set
-    batch_size: int = 64  # images per step (each gives 2 global + dino.local_crops local views)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    batch_size: int = 64  # images per step, over all processes under torchrun (each gives 2 global + L local views)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N (torchrun: each process its LOCAL_RANK GPU)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CUDA only)
+    compile: bool = False  # torch.compile the ViT blocks (worth it on GPUs for long runs; the first steps compile)
     seed: int = 0
     store_size: int | None = None  # side of the decoded square images kept in memory; None: img_size × 8/7
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    monitor: str | None = None  # labelled images: k-NN top-1 of the exported backbone logged every epoch
     log_every: int = 10  # steps between metrics.jsonl lines (and the only host syncs on CUDA)
     checkpoint_every: int = 1  # epochs between checkpoints (one is always written at the end)
     optim: OptimConfig = field(default_factory=OptimConfig)

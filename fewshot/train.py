@@ -1,10 +1,11 @@
 """The self-supervised pretraining loop behind ``fewshot pretrain``, shared by every method in
-:mod:`fewshot.methods` (DINO, Caron et al. 2021; MAE later): AdamW with DINO's schedules (lr linear warm-up then
-cosine, cosine weight decay, per-parameter gradient clipping), the method's hooks, a resumable run folder
-(:mod:`fewshot.runs`), a progress bar and a guard against a non-finite loss.
+:mod:`fewshot.methods` (DINO, Caron et al. 2021; MAE, He et al. 2022): AdamW with DINO's schedules (lr linear
+warm-up then cosine, cosine weight decay, per-parameter gradient clipping), the method's hooks, a resumable run
+folder (:mod:`fewshot.runs`), a progress bar, a guard against a non-finite loss, and data parallelism under
+torchrun (:mod:`fewshot.distributed`).
 
-Images are decoded once into memory as a ``(N, 3, S, S)`` uint8 tensor (shorter side resized to S, centre
-square) and each step augments a whole batch with tensor ops on the training device.
+Images are decoded once into memory (:mod:`fewshot.store`) as a ``(N, 3, S, S)`` uint8 tensor and each step
+augments a whole batch with tensor ops on the training device.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from fewshot import distributed
 from fewshot.config import from_dict, save_config, to_dict
 from fewshot.errors import FewshotError
 from fewshot.methods import get_method
@@ -27,9 +27,12 @@ from fewshot.methods.base import Method, RunPlan
 from fewshot.pretrain_config import PretrainConfig
 from fewshot.runs import RunFolder, load_run_checkpoint, restore_rng, save_backbone, save_run_checkpoint
 from fewshot.schedules import capped_steps, cosine
+from fewshot.store import check_memory, decode_images, place
+
+__all__ = ["decode_images", "load_run_config", "pretrain"]  # decode_images: where users found it before
 
 # settings that may change when a run is resumed; anything else must match the run's config.json
-RESUMABLE_CHANGES = ("device", "precision", "log_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "log_every", "checkpoint_every")
 
 
 def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -39,46 +42,64 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     a sequence of objects with ``.load()``, a sequence of PIL images, or a ``(N, 3, H, W)`` uint8 tensor.
     ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section). Returns a summary dict
     (``backbone`` path, ``steps``, final logs). Raises :class:`FewshotError` for bad input or a diverged run.
+    Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
     """
     cfg = getattr(cfg, "pretrain", cfg)
+    device, autocast = _device(cfg)
+    ranks = distributed.setup(device)
     run = RunFolder(Path(out))
+    if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
+        return _pretrain(images, cfg, run, progress=False, device=ranks.device(device), autocast=autocast, ranks=ranks)
     run.create()
     with run.lock():  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, run, progress)
+        return _pretrain(images, cfg, run, progress, device, autocast, ranks)
 
 
-def _pretrain(images: Any, cfg: PretrainConfig, run: RunFolder, progress: bool) -> dict[str, Any]:
+def _pretrain(
+    images: Any,
+    cfg: PretrainConfig,
+    run: RunFolder,
+    progress: bool,
+    device: torch.device,
+    autocast: bool,
+    ranks: distributed.Dist,
+) -> dict[str, Any]:
     out = run.root
     resume = run.has_checkpoint()
     if resume:
         _check_resumable(run, cfg)
-    device, autocast = _device(cfg)
+    if cfg.batch_size % ranks.world:
+        raise FewshotError(
+            f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
+            f"use a multiple of {ranks.world}"
+        )
+    monitor = _monitor(cfg, progress) if ranks.main else None  # before training: a bad --monitor fails at once
     store_size = cfg.store_size or math.ceil(cfg.img_size * 8 / 7)
-    _check_memory(len(images), store_size)
+    check_memory(len(images), store_size)
     store, skipped = decode_images(images, store_size, progress)
-    if skipped:
+    if skipped and ranks.main:
         first = f"{skipped[0]['path']}: {skipped[0]['reason']}"
         tqdm.write(f"skipped {len(skipped)} unreadable image(s), e.g. {first}", file=sys.stderr)
-    store = _place(store, device)
+    store = place(store, device)
     n = store.shape[0]
     per_epoch = n // cfg.batch_size
     if per_epoch < 1:
         raise FewshotError(f"{n} readable image(s), fewer than --batch-size {cfg.batch_size}; lower --batch-size")
     total = cfg.steps or cfg.epochs * per_epoch
     plan = RunPlan(n, cfg.batch_size, per_epoch, total)
-    torch.manual_seed(cfg.seed)  # model initialisation
+    torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
     method: Method = get_method(cfg.method).build(cfg, plan)
     method.to(device)
     opt = _optimizer(method, cfg, device)
     warmup = _warmup_steps(cfg.optim, per_epoch, total)
-    lr = cosine(cfg.optim.lr * cfg.batch_size / 256, cfg.optim.min_lr, total, warmup)
+    lr = cosine(cfg.optim.lr * cfg.batch_size / 256, cfg.optim.min_lr, total, warmup)  # the global batch
     wd = cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **method.resolved()}
     start = 0
     if resume:
         model_state, opt_state, rng, state, path = load_run_checkpoint(run)
         newest = run.checkpoints()
-        if newest and path != newest[0][1]:
+        if newest and path != newest[0][1] and ranks.main:
             tqdm.write(f"warning: the newest checkpoint is unreadable; resuming from {path.name}", file=sys.stderr)
         if state.get("n_images") != n:
             raise FewshotError(
@@ -88,24 +109,38 @@ def _pretrain(images: Any, cfg: PretrainConfig, run: RunFolder, progress: bool) 
         opt.load_state_dict(opt_state)
         restore_rng(rng)
         start = int(state["step"])
-        run.truncate_metrics(start)
-    else:
+        if ranks.main:
+            run.truncate_metrics(start)
+    elif ranks.main:
         run.metrics.unlink(missing_ok=True)
-    save_config(
-        cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved
-    )
-    if getattr(method, "init_report", ""):
-        tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
-    loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress)
+    if ranks.main:
+        save_config(
+            cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved,
+            processes=ranks.world,
+        )  # fmt: skip
+        if getattr(method, "init_report", ""):
+            tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
+    loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor)
     return loop.run(start)
 
 
 class _Loop:
-    def __init__(self, cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress):
+    def __init__(self, cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor):
         self.cfg, self.folder, self.method, self.opt, self.store, self.plan = cfg, run, method, opt, store, plan
         self.lr, self.wd, self.device, self.autocast, self.progress = lr, wd, device, autocast, progress
+        self.ranks: distributed.Dist = ranks
+        self.monitor = monitor
         self.params = [p for g in opt.param_groups for p in g["params"]]
-        self.writer = _tensorboard(run.tensorboard)
+        self.writer = _tensorboard(run.tensorboard) if ranks.main else None
+        if cfg.compile:
+            method.compile_blocks()
+        self.model: torch.nn.Module = method
+        if ranks.world > 1:  # gradients all-reduced (averaged) by DDP during backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            # the method's own buffers (DINO's centre) are averaged by the method; no broadcast each forward
+            self.model = DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
 
     def run(self, start: int) -> dict[str, Any]:
         cfg, plan, method = self.cfg, self.plan, self.method
@@ -113,6 +148,8 @@ class _Loop:
         gen = torch.Generator(device=self.device)
         epochs = math.ceil(total / per_epoch)
         t_start = time.perf_counter()
+        ranks, main = self.ranks, self.ranks.main
+        rows = ranks.rows(b)  # this process's rows of every global batch
         bar = tqdm(total=total, initial=start, unit="step", desc=cfg.method, disable=not self.progress, file=sys.stderr)
         method.train()
         acc: dict[str, torch.Tensor] = {}
@@ -127,14 +164,17 @@ class _Loop:
             if i == 0 or step == start:
                 order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # a function of the epoch: resumable
                 perm = torch.randperm(plan.n_images, generator=order).to(self.store.device)
-            images = self.store[perm[i * b : (i + 1) * b]].to(self.device, non_blocking=True)  # (B, 3, S, S) uint8
+            batch_ids = perm[i * b : (i + 1) * b][rows]  # (B / world,) this rank's share of the global batch
+            images = self.store[batch_ids].to(self.device, non_blocking=True)  # (B / world, 3, S, S) uint8
             gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentations are a function of (seed, step): resumable
+            # the global RNG (drop path): a function of (seed, step, rank), so resumable and different per rank
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + ranks.rank + 1)
             for group in self.opt.param_groups:
                 group["lr"] = self.lr[step]
                 group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
-            batch = method.augment(images, gen)
+            batch = method.augment(images, gen, rows, b)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = method(batch, step)
+                out = self.model(batch, step)
             loss = out["loss"]
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,23 +187,25 @@ class _Loop:
             for k, v in out.items():
                 acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
             n_acc += 1
-            bar.update(1)
+            if main:
+                bar.update(1)
             done = step + 1
             end_of_epoch = done % per_epoch == 0 or done == total
             if self.device.type == "cpu" or done % cfg.log_every == 0 or end_of_epoch:
                 # A host sync: free on the CPU, so a diverged run stops after the step that diverged; on a GPU only
                 # at log steps (the loop has no other sync), and always before a checkpoint could save NaNs.
-                self._check_finite(int(bad), per_epoch)
+                self._check_finite(bad, per_epoch)
             if done % cfg.log_every == 0 or end_of_epoch:
                 now = time.perf_counter()
-                logs = {k: float(v) / n_acc for k, v in acc.items()}
+                logs = self._mean_logs(acc, n_acc)
                 for k, v in logs.items():
                     epoch_acc[k] = epoch_acc.get(k, 0.0) + v * n_acc
                 n_epoch += n_acc
                 record = {"kind": "step", "step": done, "epoch": epoch, **self._sched(step), **logs}
                 record["images_per_s"] = n_acc * b / max(now - t_log, 1e-9)
-                self.folder.append_metrics(record)
-                self._tensorboard(record, done)
+                if main:
+                    self.folder.append_metrics(record)
+                    self._tensorboard(record, done)
                 bar.set_postfix_str(
                     f"epoch {epoch + 1}/{epochs} loss {logs['loss']:.3f} lr {self.lr[step]:.2e} "
                     f"{record['images_per_s']:.0f} img/s"
@@ -172,26 +214,42 @@ class _Loop:
             if end_of_epoch:
                 now = time.perf_counter()
                 ep = {k: v / max(n_epoch, 1) for k, v in epoch_acc.items()}
-                warnings = method.diagnose({**ep, "step": done})
-                for w in warnings:
-                    tqdm.write(f"warning: {w}", file=sys.stderr)
-                record = {"kind": "epoch", "step": done, "epoch": epoch, **self._sched(step), **ep}
-                record.update(images_per_s=n_epoch * b / max(now - t_epoch, 1e-9), warnings=warnings)
-                self.folder.append_metrics(record)
+                ep["images_per_s"] = n_epoch * b / max(now - t_epoch, 1e-9)
                 epoch_acc, n_epoch, t_epoch = {}, 0, now
-                method.on_epoch_end(epoch, self.folder.root, self.store, done == total)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or done == total:
-                    self._save(done)
+                if main:  # the other ranks wait for it at the next step's all-reduce
+                    warnings = method.diagnose({**ep, "step": done})
+                    for w in warnings:
+                        tqdm.write(f"warning: {w}", file=sys.stderr)
+                    record = {"kind": "epoch", "step": done, "epoch": epoch, **self._sched(step), **ep}
+                    record["warnings"] = warnings
+                    if self.monitor is not None:
+                        record.update(self.monitor(method.export_backbone(), self.device, self.autocast))
+                        bar.write(f"epoch {epoch + 1}: k-NN top-1 {record['knn_top1']:.3f}", file=sys.stderr)
+                    self.folder.append_metrics(record)
+                    self._tensorboard(record, done, "epoch")
+                    method.on_epoch_end(epoch, self.folder.root, self.store, done == total)
+                    if (epoch + 1) % cfg.checkpoint_every == 0 or done == total:
+                        self._save(done)
         bar.close()
+        distributed.barrier()  # every process returns once rank 0 has written the final files
         return self._summary(logs, start, time.perf_counter() - t_start)
+
+    def _mean_logs(self, acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """The logged values averaged over the steps since the last log and over the ranks (one all-reduce)."""
+        if not acc:
+            return {}
+        names = sorted(acc)
+        values = distributed.mean_(torch.stack([acc[k] for k in names]) / n)  # (len(names),)
+        return dict(zip(names, values.tolist(), strict=True))
 
     def _sched(self, step: int) -> dict[str, float]:
         return {"lr": float(self.lr[step]), "weight_decay": float(self.wd[step]), **self.method.schedules(step)}
 
-    def _check_finite(self, bad: int, per_epoch: int) -> None:
-        if bad >= 0:
+    def _check_finite(self, bad: torch.Tensor, per_epoch: int) -> None:
+        step = int(distributed.max_(bad.clone()))  # every rank stops together
+        if step >= 0:
             raise FewshotError(
-                f"the loss became non-finite at step {bad} (epoch {bad // per_epoch + 1}); the run stopped and its "
+                f"the loss became non-finite at step {step} (epoch {step // per_epoch + 1}); the run stopped and its "
                 f"last checkpoint in {self.folder.root} is intact. Try a lower learning rate "
                 f"(--set pretrain.optim.lr={self.cfg.optim.lr / 4:g}), fp32 (--set pretrain.precision=fp32), a longer "
                 "warm-up, or check the data for broken or constant images"
@@ -207,11 +265,11 @@ class _Loop:
         state = {"step": done, "n_images": self.plan.n_images, "total_steps": self.plan.total_steps}
         save_run_checkpoint(self.folder, m, self.opt, state)
 
-    def _tensorboard(self, record: dict[str, Any], step: int) -> None:
+    def _tensorboard(self, record: dict[str, Any], step: int, group: str = "pretrain") -> None:
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, float):
-                    self.writer.add_scalar(f"pretrain/{k}", v, step)
+                    self.writer.add_scalar(f"{group}/{k}", v, step)
 
     def _summary(self, logs: dict[str, float], start: int, seconds: float) -> dict[str, Any]:
         if self.writer is not None:
@@ -228,84 +286,16 @@ class _Loop:
         return {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
 
 
-def _check_memory(n: int, side: int) -> None:
-    """Refuse early (before minutes of decoding) when the decoded images cannot fit in memory."""
-    import os
+def _monitor(cfg: PretrainConfig, progress: bool) -> Any:
+    """The k-NN monitor of ``--monitor`` (images decoded once, now), or None."""
+    if cfg.monitor is None:
+        return None
+    from fewshot.monitor import KnnMonitor
 
-    need = n * 3 * side * side
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > 0.6 * ram:
-        raise FewshotError(
-            f"{n} images at {side}×{side} px need {need / 2**30:.1f} GiB in memory, more than this machine can spare "
-            f"({ram / 2**30:.0f} GiB); lower pretrain.store_size / --img-size or pretrain on a subset"
-        )
-
-
-def _place(store: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """On CUDA keep the uint8 images on the GPU when they take under a quarter of its memory, else pin them."""
-    if device.type != "cuda":
-        return store
-    if store.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory:
-        return store.to(device)
-    return store.pin_memory()
-
-
-def decode_images(images: Any, size: int, progress: bool = False) -> tuple[torch.Tensor, list[dict[str, str]]]:
-    """Decode every image once into ``(N, 3, size, size)`` uint8: shorter side resized to ``size`` (bicubic,
-    antialiased), centre square cropped. Unreadable images are skipped and listed."""
-    if torch.is_tensor(images):
-        return _resize_tensor(images, size), []
-    from fewshot.images import UnreadableImage
-
-    n = len(images)
-    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    kept, skipped = 0, []
-    loader = images.load if hasattr(images, "load") else None
-    for i in tqdm(range(n), desc="decoding", unit="img", disable=not progress or n < 500, file=sys.stderr):
-        try:
-            img = loader(i) if loader else _load_item(images[i])
-        except (UnreadableImage, OSError) as exc:
-            skipped.append({"path": _name(images, i), "reason": str(exc)})
-            continue
-        out[kept] = torch.from_numpy(np.array(_square(img.convert("RGB"), size))).permute(2, 0, 1)  # (3, S, S)
-        kept += 1
-    if kept == 0:
-        raise FewshotError(f"none of the {n} images could be read; check the data source")
-    return out[:kept].contiguous(), skipped
-
-
-def _name(images: Any, i: int) -> str:
-    records = getattr(images, "records", images)  # an ImageSet's records, or the sequence itself
-    return str(getattr(records[i], "name", i))
-
-
-def _load_item(item: Any) -> Image.Image:
-    return item if isinstance(item, Image.Image) else item.load()
-
-
-def _square(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def _resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise FewshotError(f"image tensors must be (N, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
-        return images.contiguous()
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    x = torch.nn.functional.interpolate(images.float(), (nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8).contiguous()
+    monitor = KnnMonitor.from_source(cfg.monitor, cfg.img_size, cfg.mean, cfg.std, progress=progress)
+    if monitor.note:
+        tqdm.write(f"--monitor: {monitor.note}", file=sys.stderr)
+    return monitor
 
 
 def _warmup_steps(optim: Any, per_epoch: int, total: int) -> int:

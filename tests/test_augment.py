@@ -1,12 +1,16 @@
-"""Batched multi-crop augmentation: shapes, ranges, seeding, and each colour op against torchvision."""
+"""Batched multi-crop augmentation: shapes, ranges, seeding, how often each op fires, and crops, colour ops and blur
+against torchvision."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from fewshot.augment import MultiCrop, colour_matrix, crop_boxes, gaussian_blur
+from fewshot.augment import MultiCrop, colour_matrix, crop_boxes, gaussian_blur, resample_matrix, resized_crops
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -46,6 +50,79 @@ def test_views_come_from_their_own_image() -> None:
         x = out[key] * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
         dominant = x.mean((2, 3)).argmax(1).view(n_views, 3)
         assert torch.equal(dominant, torch.arange(3).expand(n_views, 3))
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """Normalised views back to [0, 1] pixels."""
+    return x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def _whole_image_crops(**kwargs: Any) -> MultiCrop:
+    # scale (1, 1) never fits a box of another aspect ratio, so every crop falls back to the whole image, and at the
+    # image's own size the resampling is the identity: each op can be seen by comparing views with their image
+    options: dict[str, Any] = dict(global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+                                   grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0), solarize_prob=0.0)  # fmt: skip
+    return MultiCrop(16, 16, 4, **(options | kwargs))
+
+
+def _views(crop: MultiCrop, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(6, B, 3, 16, 16) pixels of global views 1, 2 then the 4 locals."""
+    out = crop(images, torch.Generator().manual_seed(seed))
+    return _pixels(torch.cat([out["global"], out["local"]])).view(6, images.shape[0], 3, 16, 16)
+
+
+def test_whole_image_crops_without_photometric_ops_are_the_images() -> None:
+    images = _images(8, 16)
+    torch.testing.assert_close(_views(_whole_image_crops(), images), (images / 255).expand(6, -1, -1, -1, -1))
+
+
+def test_flip_grayscale_and_jitter_fire_with_their_probabilities() -> None:
+    b = 64
+    ramp = (torch.arange(16) * 15).to(torch.uint8).expand(b, 3, 16, 16)  # brighter to the right
+    x = _views(_whole_image_crops(flip_prob=0.5), ramp)
+    flipped = x[..., 0, 0, 0] > x[..., 0, 0, -1]  # (6, B)
+    assert 0.4 < flipped.float().mean() < 0.6
+    torch.testing.assert_close(x[flipped], (ramp[0] / 255).flip(-1).expand_as(x[flipped]))
+    images = _images(b, 16)
+    x = _views(_whole_image_crops(grayscale_prob=0.2), images)
+    gray = (x - x[:, :, :1]).abs().amax((2, 3, 4)) < 1e-5  # (6, B) all channels equal
+    assert 0.12 < gray.float().mean() < 0.28
+    x = _views(_whole_image_crops(jitter_prob=0.8), images)
+    untouched = (x - images / 255).abs().amax((2, 3, 4)) < 1e-5
+    assert 0.12 < untouched.float().mean() < 0.28
+
+
+def test_blur_and_solarise_fire_per_view_with_dinos_probabilities() -> None:
+    b = 64
+    images = _images(b, 16)
+    # sigmas of 1–2 px at 16 px (given for 224-px crops) leave no blurred view close to its image
+    x = _views(_whole_image_crops(blur_probs=(1.0, 0.1, 0.5), blur_sigma=(14.0, 28.0)), images)
+    blurred = (x - images / 255).abs().amax((2, 3, 4)) > 0.05  # (6, B)
+    assert blurred[0].all() and blurred[1].float().mean() < 0.25 and 0.38 < blurred[2:].float().mean() < 0.62
+    grey = torch.full((b, 3, 16, 16), 200, dtype=torch.uint8)  # solarised: 255 - 200 = 55
+    x = _views(_whole_image_crops(solarize_prob=0.2), grey)
+    solarised = (x - 55 / 255).abs().amax((2, 3, 4)) < 1e-4
+    assert ((x - 200 / 255).abs().amax((2, 3, 4)) < 1e-4).logical_or(solarised).all()
+    assert not solarised[0].any() and not solarised[2:].any() and 0.05 < solarised[1].float().mean() < 0.4
+
+
+@pytest.mark.parametrize("size,scale", [(24, (0.05, 0.4)), (32, (0.4, 1.0)), (80, (0.1, 1.0))])
+def test_crops_match_torchvision_roi_align(size: int, scale: tuple[float, float]) -> None:
+    # the separable matmul resampling must give roi_align's (aligned, adaptive sampling) pixels, flips included
+    images, g = _images(5, 40).float(), torch.Generator().manual_seed(1)
+    boxes = crop_boxes(15, 40, scale, g, torch.device("cpu"))
+    flip = torch.rand(15, generator=g) < 0.5
+    ours = resized_crops(images, boxes.view(3, 5, 4), flip.view(3, 5), size)
+    rois = torch.cat([torch.arange(5.0).repeat(3)[:, None], boxes], 1)
+    theirs = roi_align(images, rois, (size, size), sampling_ratio=-1, aligned=True)
+    theirs = torch.where(flip.view(-1, 1, 1, 1), theirs.flip(-1), theirs)
+    torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=0)  # in 0..255
+
+
+def test_resampling_keeps_brightness_when_rounding_pushes_a_box_past_the_edge() -> None:
+    # 72 px to 24: 3 taps per pixel; a span of 72 + ε must not ask for a 4th tap (rows would sum to 3/4)
+    m = resample_matrix(torch.tensor([0.0, 0.0]), torch.tensor([72.0, 72.00001]), 24, 72)
+    torch.testing.assert_close(m.sum(-1), torch.ones(2, 24))
 
 
 def test_crop_boxes_lie_inside_the_image_with_the_asked_area() -> None:
@@ -90,6 +167,15 @@ def test_grayscale_gives_equal_channels() -> None:
     a, c = colour_matrix(x.mean((2, 3)), torch.full((2, 4), -1), [torch.ones(2)] * 4, torch.ones(2, dtype=torch.bool))
     out = (a @ x.view(2, 3, 1) + c).view(2, 3)
     torch.testing.assert_close(out, out[:, :1].expand(2, 3))
+
+
+def test_blur_matches_torchvision_per_image_and_ignores_the_other_images() -> None:
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.9, 1.6])
+    ours = gaussian_blur(x, sigma, max_sigma=2.0)  # radius 6
+    for xi, si, oi in zip(x, sigma.tolist(), ours, strict=True):
+        torch.testing.assert_close(oi, TF.gaussian_blur(xi, [13, 13], [si, si]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gaussian_blur(x[:1], sigma[:1], max_sigma=2.0), ours[:1])
 
 
 def test_blur_keeps_constants_and_smooths_noise() -> None:

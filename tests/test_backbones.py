@@ -40,6 +40,9 @@ def test_parse_spec_variants(tmp_path: Path) -> None:
     assert (hub.kind, hub.name, hub.kwargs) == ("hub", "hf-hub:timm/vit_small_patch16_224.dino", {"img_size": 96})
     (tmp_path / "w.pth").write_bytes(b"x")
     assert parse_spec(f"{tmp_path / 'w.pth'}:arch={ARCH}").name == ARCH
+    groups = parse_spec(f"{ARCH}:img_size=32,patch_size=8:pool=avg")  # a second group, as a user would append it
+    assert (groups.name, groups.kwargs, groups.pool) == (ARCH, {"img_size": 32, "patch_size": 8}, "avg")
+    assert parse_spec(f"{tmp_path / 'w.pth'}:arch={ARCH}:pool=avg").pool == "avg"
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,13 @@ from typing import Any
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fewshot.errors import FewshotError
 from fewshot.methods.dino import DINO
 from fewshot.pretrain_config import DinoConfig, PretrainConfig
-from fewshot.train import decode_images, load_run_config, pretrain
+from fewshot.train import load_run_config, pretrain
 
 KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "depth": 2}
 CFG = PretrainConfig(
@@ -52,6 +51,7 @@ def test_run_folder_has_config_metrics_checkpoint_and_backbone(finished: Path) -
     assert [ln["epoch"] for ln in lines if ln["kind"] == "epoch"] == [0, 1]
     for ln in lines:
         assert {"step", "epoch", "loss", "lr", "teacher_entropy", "feature_std"} <= set(ln)
+        assert ln["images_per_s"] > 0
 
 
 def test_backbone_loads_into_timm_and_is_the_teacher(finished: Path) -> None:
@@ -180,27 +180,6 @@ def test_bad_settings_are_one_line_errors(images: torch.Tensor, tmp_path: Path) 
         pretrain(images, replace(CFG, model="not_a_model"), tmp_path / "c", progress=False)
 
 
-def test_decode_accepts_pil_images_and_loaders_and_skips_unreadable() -> None:
-    from fewshot.images import UnreadableImage
-
-    class Rec:
-        def __init__(self, img: Image.Image | None) -> None:
-            self.img, self.name = img, "broken.jpg"
-
-        def load(self) -> Image.Image:
-            if self.img is None:
-                raise UnreadableImage("corrupt")
-            return self.img
-
-    wide = Image.new("RGB", (60, 30), (255, 0, 0))
-    grey = Image.new("L", (20, 40), 128)
-    out, skipped = decode_images([Rec(wide), Rec(None), Rec(grey)], 16)
-    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.uint8
-    assert out[0, 0].min() == 255 and out[1].float().mean() == pytest.approx(128, abs=1)
-    assert skipped == [{"path": "broken.jpg", "reason": "corrupt"}]
-    assert decode_images([wide, grey], 16)[0].shape == (2, 3, 16, 16)
-
-
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("dino-*.toml")), ids=str)
 def test_recipes_set_only_known_pretrain_keys(recipe: Path) -> None:
     from fewshot.config import apply, load_recipe
@@ -219,3 +198,26 @@ def test_warmup_is_steps_else_epochs_else_ten_epochs_capped_at_a_tenth() -> None
     assert _warmup_steps(OptimConfig(warmup_epochs=2.5), 40, 1000) == 100
     assert _warmup_steps(OptimConfig(), 40, 1000) == 100  # 10% of the run < 10 epochs (400)
     assert _warmup_steps(OptimConfig(), 40, 100_000) == 400  # 10 epochs
+
+
+def test_monitor_logs_the_knn_accuracy_of_the_backbone_every_epoch(
+    images: torch.Tensor, digits: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from fewshot.backbones import load_backbone
+    from fewshot.monitor import KnnMonitor
+
+    cfg = dataclasses.replace(CFG, monitor=str(digits[0]))
+    pretrain(images, cfg, tmp_path / "run", progress=False)
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [ln["knn_top1"] for ln in lines if ln["kind"] == "epoch"]
+    assert len(accuracies) == 2
+    # the last one is the k-NN accuracy of the saved backbone (DINO: the teacher)
+    final = load_backbone(str(tmp_path / "run")).model
+    expected = KnnMonitor.from_source(str(digits[0]), 32, cfg.mean, cfg.std, progress=False)(final, torch.device("cpu"))
+    assert accuracies[-1] == pytest.approx(expected["knn_top1"])
+
+
+def test_a_bad_monitor_folder_fails_before_training(images: torch.Tensor, tmp_path: Path) -> None:
+    with pytest.raises(FewshotError, match="--monitor"):
+        pretrain(images, dataclasses.replace(CFG, monitor=str(tmp_path / "nope")), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

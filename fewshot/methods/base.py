@@ -4,7 +4,7 @@ the hooks below.
 
 A step of the loop, for a method ``m``::
 
-    batch = m.augment(images_uint8, generator)         # (B, 3, S, S) uint8 on the device -> model inputs
+    batch = m.augment(images_uint8, generator, rows, global_batch)  # (b, 3, S, S) uint8 -> model inputs
     logs = m(batch, step)                              # {"loss": scalar with grad, other scalars detached}
     logs["loss"].backward()
     clip each parameter's gradient (optim.clip_grad), then m.before_optimizer_step(step)
@@ -47,8 +47,15 @@ class Method(nn.Module):
         """Construct the method from a :class:`fewshot.pretrain_config.PretrainConfig` and the run plan."""
         raise NotImplementedError
 
-    def augment(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Turn a ``(B, 3, S, S)`` uint8 batch into the method's inputs (views, masks, ...)."""
+    def augment(
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
+    ) -> dict[str, Tensor]:
+        """Turn a ``(b, 3, S, S)`` uint8 batch into the method's inputs (views, masks, ...).
+
+        Under torchrun ``images`` are the rows ``rows`` of a global batch of ``batch`` images: draw the random
+        numbers for all ``batch`` images and keep these rows, so that every process gets its own augmentations
+        and the run does not depend on the number of processes.
+        """
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
@@ -75,6 +82,14 @@ class Method(nn.Module):
     def on_epoch_end(self, epoch: int, run_dir: Path, images: Tensor, final: bool) -> None:
         """Hook after each epoch (0-based ``epoch``; ``final`` on the last) with the run folder and every decoded
         image as ``(N, 3, S, S)`` uint8, e.g. to write reconstructions or attention maps."""
+
+    def compile_blocks(self) -> None:
+        """``pretrain.compile``: compile, in place, the transformer blocks of every timm model inside the method
+        (the bulk of the FLOPs). Not the whole step: schedules feed Python floats that would force recompiles."""
+        for module in self.modules():
+            blocks = getattr(module, "blocks", None)
+            if hasattr(module, "forward_features") and isinstance(blocks, nn.Module):
+                blocks.compile()
 
     def export_backbone(self) -> nn.Module:
         """The backbone to save as ``backbone.safetensors`` (a timm model built with ``num_classes=0``)."""

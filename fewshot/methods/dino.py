@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from fewshot import distributed
 from fewshot.augment import MultiCrop
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init, patch_size_of
 from fewshot.schedules import capped_steps, cosine, linear_warmup
@@ -85,7 +86,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
-        batch_center = teacher_out.mean(0, keepdim=True)  # (1, K)
+        batch_center = distributed.mean_(teacher_out.mean(0, keepdim=True))  # (1, K), over every rank's batch
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
@@ -185,8 +186,10 @@ class DINO(Method):
         self.teacher.eval()  # the teacher is never in training mode
         return self
 
-    def augment(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        return self.multicrop(images, generator)
+    def augment(
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
+    ) -> dict[str, Tensor]:
+        return self.multicrop(images, generator, rows, batch)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         globals_ = batch["global"]  # (2B, 3, G, G)

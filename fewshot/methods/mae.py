@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
-from fewshot.augment import crop_boxes
+from fewshot.augment import crop_boxes, resized_crops
 from fewshot.errors import FewshotError
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init
 
@@ -151,19 +150,19 @@ class Decoder(nn.Module):
 
 def crop_flip(
     images: Tensor, size: int, scale: tuple[float, ...], flip_prob: float, mean: tuple[float, ...],
-    std: tuple[float, ...], generator: torch.Generator,
+    std: tuple[float, ...], generator: torch.Generator, rows: slice = slice(None), total: int | None = None,
 ) -> Tensor:  # fmt: skip
     """MAE's augmentation on a ``(B, 3, S, S)`` uint8 batch: RandomResizedCrop(``scale``) to ``size``, horizontal
-    flip, normalisation; one view per image (boxes from :func:`fewshot.augment.crop_boxes`)."""
+    flip, normalisation; one view per image (boxes from :func:`fewshot.augment.crop_boxes`). The images are the rows
+    ``rows`` of a batch of ``total`` (torchrun): the random numbers are drawn for all ``total``."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, S, S) uint8 batch, got {tuple(images.shape)} {images.dtype}")
     b, _, side, _ = images.shape
-    dev, src = images.device, images.float()
-    idx = torch.arange(b, device=dev, dtype=src.dtype)
-    boxes = torch.cat([idx[:, None], crop_boxes(b, side, scale, generator, dev)], 1)  # (B, 5)
-    x = roi_align(src, boxes, (size, size), sampling_ratio=-1, aligned=True)  # (B, 3, size, size) in 0..255
-    flip = torch.rand(b, generator=generator, device=dev) < flip_prob
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    total = total or b
+    dev = images.device
+    boxes = crop_boxes(total, side, scale, generator, dev)[rows]  # (B, 4)
+    flip = torch.rand(total, generator=generator, device=dev)[rows] < flip_prob
+    x = resized_crops(images.float(), boxes.view(1, b, 4), flip.view(1, b), size)  # (B, 3, size, size) in 0..255
     m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     return (x / 255 - m) / s  # (B, 3, size, size) float32, normalised
@@ -229,10 +228,13 @@ class MAE(Method):
     def build(cls, cfg: Any, plan: RunPlan) -> MAE:
         return cls(cfg, plan)
 
-    def augment(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        m = self.mae_cfg
-        x = crop_flip(images, self.img_size, m.crop_scale, m.flip_prob, self.mean, self.std, generator)
-        ids_keep, ids_restore, mask = random_masking(x.shape[0], self.n_patches, m.mask_ratio, generator, x.device)
+    def augment(
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
+    ) -> dict[str, Tensor]:
+        m, total = self.mae_cfg, batch or images.shape[0]
+        x = crop_flip(images, self.img_size, m.crop_scale, m.flip_prob, self.mean, self.std, generator, rows, total)
+        masking = random_masking(total, self.n_patches, m.mask_ratio, generator, x.device)
+        ids_keep, ids_restore, mask = (t[rows] for t in masking)  # this process's rows of the global batch
         return {"images": x, "ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask}
 
     def encode(self, images: Tensor, ids_keep: Tensor) -> Tensor:

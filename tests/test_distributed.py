@@ -1,0 +1,109 @@
+"""torchrun on the CPU (gloo): 2 processes train exactly like 1 with the same global batch and seed, a checkpoint
+written by 2 processes resumes in 1, only rank 0 writes, and extraction shards and gathers in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewshot.features import load_features
+from fewshot.runs import RunFolder
+from tests.conftest import write_digits_folder
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed gloo")
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--depth", "2"]
+SETS = {
+    "pretrain.log_every": 1,
+    "pretrain.dino.local_crops": 2,
+    "pretrain.dino.hidden_dim": 32,
+    "pretrain.dino.bottleneck_dim": 16,
+    "pretrain.dino.out_dim": 64,
+    "pretrain.dino.drop_path_rate": 0.0,  # stochastic depth draws per rank: the one thing that would differ
+}
+
+
+def fewshot(*args: object, processes: int = 1) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m"]
+    if processes > 1:
+        launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+    done = subprocess.run([*launcher, "fewshot", *map(str, args)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def pretrain(data: Path, out: Path, processes: int = 1) -> subprocess.CompletedProcess[str]:
+    sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
+    args = ["pretrain", data, "--method", "dino", *TINY, "--epochs", "2", "--batch-size", "8", "--seed", "3"]
+    return fewshot(*args, *sets, "--device", "cpu", "-q", "--out", out, processes=processes)
+
+
+def losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if line["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_digits_folder(root / "data", classes=2, per_class=8)  # 16 images: 2 steps per epoch at batch 8
+    pretrain(data, root / "one")
+    two = pretrain(data, root / "two", processes=2)
+    (root / "two.out").write_text(two.stdout + two.stderr)
+    return {"data": data, "one": root / "one", "two": root / "two", "root": root}
+
+
+def test_two_processes_follow_the_one_process_trajectory(runs: dict[str, Path]) -> None:
+    one, two = losses(runs["one"]), losses(runs["two"])
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-4)
+    a, b = load_file(runs["one"] / "backbone.safetensors"), load_file(runs["two"] / "backbone.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rank_zero_alone_writes_the_run_folder(runs: dict[str, Path]) -> None:
+    two = runs["two"]
+    steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3, 4, 4]  # one writer: each step line and epoch line once
+    assert json.loads((two / "config.json").read_text())["processes"] == 2
+    assert (runs["root"] / "two.out").read_text().count("run folder") == 1  # one summary, from rank 0
+
+
+def test_a_checkpoint_written_by_two_processes_resumes_in_one(runs: dict[str, Path]) -> None:
+    resumed = runs["root"] / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    folder = RunFolder(resumed)
+    newest = folder.checkpoints()[0][1]
+    assert newest.name.endswith("4.safetensors")
+    for path in (newest, folder.checkpoint, folder.backbone):  # as if killed right after the epoch-1 checkpoint
+        path.unlink()
+    pretrain(runs["data"], resumed)
+    a, b = load_file(runs["two"] / "backbone.safetensors"), load_file(folder.backbone)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert losses(resumed) == pytest.approx(losses(runs["two"]), rel=1e-4)
+
+
+def test_extraction_shards_across_ranks_and_gathers_in_order(runs: dict[str, Path]) -> None:
+    data, root = runs["data"], runs["root"]
+    (data / "0" / "broken.png").write_text("not an image")  # skipped by one rank, reported by rank 0
+    args = ["extract", data, "-b", runs["one"], "--device", "cpu", "--set", "extract.cache=false"]
+    fewshot(*args, "-o", root / "f1.safetensors", "-q")
+    two = fewshot(*args, "-o", root / "f2.safetensors", "-q", processes=2)
+    one, both = load_features(root / "f1.safetensors"), load_features(root / "f2.safetensors")
+    assert both.paths == one.paths and len(both.paths) == 16
+    assert (both.labels == one.labels).all()
+    torch.testing.assert_close(torch.from_numpy(both.features), torch.from_numpy(one.features), rtol=1e-5, atol=1e-5)
+    assert [s["path"] for s in both.skipped] == [s["path"] for s in one.skipped] == ["0/broken.png"]
+    assert two.stdout.count("written to") == 1
