@@ -5,7 +5,7 @@ included), their ratio, and the model's FLOP/s as a share of the measured fp32 m
 benchmark-only dependency, used as its documentation's DINO example shows (DINOProjectionHead, DINOLoss,
 update_momentum, DINOTransform).
 
-    python benchmarks/pretrain_throughput.py [--steps 10] [--data ../shared/data/clothing10/unlabeled]
+    python benchmarks/pretrain_throughput.py [--steps 10] [--compile] [--data ../shared/data/clothing10/unlabeled]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def matmul_peak() -> float:
     return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def ours(steps: int) -> tuple[float, float, object]:
-    """(model-only img/s, FLOP per image, method) for fewshot's DINO step."""
+def ours(steps: int, compile_: bool = False) -> tuple[float, float, object]:
+    """(model-only img/s, FLOP per image, method) for fewshot's DINO step (``compile_``: torch.compile'd blocks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fewshot.methods.base import RunPlan
@@ -61,8 +61,10 @@ def ours(steps: int) -> tuple[float, float, object]:
         method.after_step(i)
 
     with FlopCounterMode(display=False) as counter:
-        step(0)
+        step(0)  # counted eagerly
     flops = counter.get_total_flops() / BATCH
+    if compile_:
+        method.compile_blocks()  # compiled during _rate's warm-up steps
     return _rate(step, steps), flops, method
 
 
@@ -179,10 +181,12 @@ def main() -> None:
         "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/clothing10/unlabeled"
     )
     parser.add_argument("--workers", type=int, default=2, help="lightly's DataLoader workers (end to end)")
+    parser.add_argument("--compile", action="store_true", help="also time our step with torch.compile'd blocks")
     args = parser.parse_args()
     torch.manual_seed(0)
     peak = matmul_peak()
     our_rate, flops, _ = ours(args.steps)
+    compiled_rate = ours(args.steps, compile_=True)[0] if args.compile else float("nan")
     their_rate = lightly_model_only(args.steps)
     our_e2e = ours_end_to_end(args.data, args.steps)
     their_e2e = lightly_end_to_end(args.data, args.steps, args.workers)
@@ -190,6 +194,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
     print(f"{'':24} {'fewshot':>10} {'lightly':>10} {'ratio':>7}")
     print(f"{'model-only img/s':24} {our_rate:>10.1f} {their_rate:>10.1f} {our_rate / their_rate:>7.2f}")
+    if args.compile:
+        print(
+            f"{'model-only, compiled':24} {compiled_rate:>10.1f} {their_rate:>10.1f} {compiled_rate / their_rate:>7.2f}"
+        )
     print(f"{'end-to-end img/s':24} {our_e2e:>10.1f} {their_e2e:>10.1f} {our_e2e / their_e2e:>7.2f}")
     print(f"fewshot end to end / model-only: {our_e2e / our_rate:.2f}")
     print(f"model: {flops / 1e9:.2f} GFLOP per image -> {flops * our_rate / 1e9:.0f} GFLOP/s = "

@@ -92,7 +92,8 @@ def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
     """'vit_x:img_size=32,depth=2' -> ('vit_x', {'img_size': 32, 'depth': 2}); 'pixels:64' -> positional.
     Several groups are one: 'vit_x:img_size=32:pool=avg' == 'vit_x:img_size=32,pool=avg'."""
-    head, options = spec, {}
+    head = spec
+    options: dict[str, Any] = {}
     while True:
         base, sep, tail = head.rpartition(":")
         if not sep or not base or Path(head).exists() or base == "hf-hub":
