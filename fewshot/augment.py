@@ -21,7 +21,7 @@ shift rotates colours about the grey axis in RGB instead of shifting H in HSV (s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,13 +262,24 @@ class MultiCrop:
         for ch, (m, s) in enumerate(zip(self.mean, self.std, strict=True)):  # scalar bounds: far faster than tensors
             x[:, ch].clamp_(-m / s, (1 - m) / s)  # the normalised 0 and 1
         # blur and solarise only the images drawn for them (index select), not all images then a mask
-        blur = (draw.rand(n_views) < blur_p).nonzero().squeeze(1)
+        blur = draw.rand(n_views) < blur_p  # (n,)
         sigma = draw.keep(_uniform(k, self.blur_sigma[0], self.blur_sigma[1], gen, dev), n_views)
-        if blur.numel():
-            x.index_copy_(0, blur, gaussian_blur(x.index_select(0, blur), sigma[blur], self.blur_sigma[1]))
-        solar = (draw.rand(n_views) < solar_p).nonzero().squeeze(1)
-        if solar.numel():  # x ↦ 1 - x where x ≥ 128/255, in normalised units
-            xs = x.index_select(0, solar)
-            at, turn = ((128 / 255 - mean) / std).unsqueeze(-1), ((1 - 2 * mean) / std).unsqueeze(-1)  # (1, 3, 1, 1)
-            x.index_copy_(0, solar, torch.where(xs >= at, turn - xs, xs))
+        x = _where(blur, x, lambda v, i: gaussian_blur(v, sigma if i is None else sigma[i], self.blur_sigma[1]))
+        solar = draw.rand(n_views) < solar_p  # (n,)
+        at, turn = ((128 / 255 - mean) / std).unsqueeze(-1), ((1 - 2 * mean) / std).unsqueeze(-1)  # (1, 3, 1, 1)
+        x = _where(solar, x, lambda v, i: torch.where(v >= at, turn - v, v))  # x ↦ 1 - x where x ≥ 128/255
         return x  # (n, 3, size, size) float32, normalised
+
+
+def _where(
+    chosen: Tensor, x: Tensor, op: Callable[[Tensor, Tensor | None], Tensor], subset: bool | None = None
+) -> Tensor:
+    """``op`` applied to the images ``chosen (n,)`` of ``x (n, ...)``. On the CPU (``subset``) only those images are
+    computed (index select); on a GPU all of them, then a select, because finding the subset (``nonzero``) would make
+    the host wait for the GPU every step. ``op(images, index)`` gets the index of its images (None: all of them)."""
+    if not (x.device.type == "cpu" if subset is None else subset):
+        return torch.where(chosen.view(-1, *[1] * (x.ndim - 1)), op(x, None), x)
+    index = chosen.nonzero().squeeze(1)
+    if index.numel():
+        x.index_copy_(0, index, op(x.index_select(0, index), index))
+    return x

@@ -185,3 +185,20 @@ def test_blur_keeps_constants_and_smooths_noise() -> None:
     blurred = gaussian_blur(noise, torch.tensor([0.1, 2.0]))
     torch.testing.assert_close(blurred[0], noise[0], atol=1e-4, rtol=0)  # sigma 0.1 ≈ identity
     assert blurred[1].std() < 0.5 * noise[1].std()
+
+
+def test_the_gpu_way_of_picking_images_gives_the_cpu_result() -> None:
+    from fewshot.augment import _where
+
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    chosen = torch.tensor([True, False, False, True, True, False])
+    sigma = torch.linspace(0.5, 1.5, 6)
+
+    def blur(v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return gaussian_blur(v, sigma if index is None else sigma[index], 2.0)
+
+    subset = _where(chosen, x.clone(), blur, subset=True)  # the CPU path: only the chosen images are computed
+    masked = _where(chosen, x.clone(), blur, subset=False)  # the GPU path: all computed, no host sync
+    torch.testing.assert_close(subset, masked)
+    torch.testing.assert_close(subset[~chosen], x[~chosen])
+    assert not torch.allclose(subset[chosen], x[chosen])
