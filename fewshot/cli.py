@@ -59,12 +59,16 @@ Data = Annotated[
 ]
 
 
+DISTRIBUTED_COMMANDS = ("pretrain", "extract")  # the commands that share their work among torchrun processes
+
+
 def command(fn: F) -> F:
     """Register ``fn`` as a command; format user errors as one line (the only place that does)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_processes(fn.__name__)
             return fn(*args, **kwargs)
         except FewshotError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
@@ -81,6 +85,15 @@ def _config(recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], 
     from fewshot.config import build_config
 
     return build_config(recipe, sets or (), flags, base=base)
+
+
+def _check_processes(name: str) -> None:
+    """Only pretrain and extract share work among torchrun processes; the others would each write the same files."""
+    import os
+
+    if name not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FewshotError(f"`fewshot {name}` runs in one process; start it without torchrun (use torchrun for "
+                           "pretrain and extract)")  # fmt: skip
 
 
 def _leader() -> bool:

@@ -282,7 +282,8 @@ class _Loop:
             line += f"; last loss {logs['loss']:.4f} ({extra})"
         else:
             line += f"; already finished (resumed at step {start})"
-        tqdm.write(f"{line}; backbone → {self.folder.backbone}", file=sys.stderr)
+        if self.ranks.main:
+            tqdm.write(f"{line}; backbone → {self.folder.backbone}", file=sys.stderr)
         return {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
 
 

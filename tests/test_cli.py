@@ -107,3 +107,11 @@ def test_pretrain_two_steps_then_extract_from_the_run(digits: tuple[Path, Path],
 def test_resume_needs_a_checkpoint(digits: tuple[Path, Path], tmp_path: Path) -> None:
     code, out = run("pretrain", digits[0], "--resume", "-o", tmp_path / "new-run", "-q")
     assert code == 2 and "holds no checkpoint" in out
+
+
+def test_commands_that_cannot_share_work_refuse_torchrun(
+    digits: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out = run("evaluate", digits[0], digits[1], "-b", "pixels")
+    assert code == 2 and "runs in one process" in out
