@@ -119,7 +119,9 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (re-running into it resumes).")],
     method: Annotated[
         str | None,
-        typer.Option("--method", help="dino or mae (for MAE's optimiser settings start from a recipes/mae-*.toml)."),
+        typer.Option(
+            "--method", help="dino or mae (each brings its paper's AdamW settings unless a recipe sets them)."
+        ),
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help="timm architecture, e.g. vit_small_patch16_224.")] = None,
     img_size: Annotated[int | None, typer.Option("--img-size", help="Global crop size in pixels.")] = None,

@@ -29,6 +29,16 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.9, 0.999)
 
 
+# The optimiser each method starts from when the recipe, --set and flags leave a value unset (a layer between
+# the defaults above, which are DINO's, and the recipe): MAE's AdamW (He et al. 2022): base lr 1.5e-4 per 256
+# images, betas (0.9, 0.95), constant weight decay 0.05, no gradient clipping.
+METHOD_OPTIM: dict[str, OptimConfig] = {
+    "mae": OptimConfig(
+        lr=1.5e-4, min_lr=0.0, weight_decay=0.05, weight_decay_end=0.05, clip_grad=0.0, betas=(0.9, 0.95)
+    ),
+}
+
+
 @dataclass(frozen=True)
 class DinoConfig:
     """DINO head, loss, teacher and multi-crop augmentation (``None`` = derived, see ``methods.dino.resolve``)."""

@@ -29,6 +29,21 @@ def test_precedence_defaults_recipe_set_flags(tmp_path: Path) -> None:
     assert cfg.extract.batch_size == Config().extract.batch_size
 
 
+def test_the_method_brings_its_optimiser_defaults_below_recipe_set_and_flags(tmp_path: Path) -> None:
+    mae = build_config(flags={"pretrain.method": "mae"}).pretrain.optim
+    assert (mae.lr, mae.betas, mae.weight_decay, mae.weight_decay_end, mae.clip_grad) == (
+        1.5e-4,
+        (0.9, 0.95),
+        0.05,
+        0.05,
+        0,
+    )
+    assert build_config(flags={"pretrain.method": "dino"}).pretrain.optim == Config().pretrain.optim
+    recipe = write(tmp_path / "r.toml", '[pretrain]\nmethod = "mae"\n[pretrain.optim]\nlr = 1e-3\n')
+    cfg = build_config(recipe, ["pretrain.optim.clip_grad=1.0"]).pretrain.optim
+    assert (cfg.lr, cfg.clip_grad, cfg.betas) == (1e-3, 1.0, (0.9, 0.95))  # recipe and --set win; the rest is MAE's
+
+
 def test_flags_that_are_none_are_ignored() -> None:
     assert build_config(flags={"extract.pool": None}).extract.pool == "cls"
 
