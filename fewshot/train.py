@@ -47,9 +47,10 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     cfg = getattr(cfg, "pretrain", cfg)
     device, autocast = _device(cfg)
     ranks = distributed.setup(device)
+    device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK
     run = RunFolder(Path(out))
     if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
-        return _pretrain(images, cfg, run, progress=False, device=ranks.device(device), autocast=autocast, ranks=ranks)
+        return _pretrain(images, cfg, run, progress=False, device=device, autocast=autocast, ranks=ranks)
     run.create()
     with run.lock():  # one writer per run folder, for the whole run
         return _pretrain(images, cfg, run, progress, device, autocast, ranks)
