@@ -188,8 +188,7 @@ class _Loop:
             for k, v in out.items():
                 acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
             n_acc += 1
-            if main:
-                bar.update(1)
+            bar.update(1)  # disabled on ranks other than 0
             done = step + 1
             end_of_epoch = done % per_epoch == 0 or done == total
             if self.device.type == "cpu" or done % cfg.log_every == 0 or end_of_epoch:
