@@ -12,7 +12,6 @@ label (DINO's weighted k-NN, Wu et al. 2018) gives each backbone's full-label re
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from fewshot.config import Config
 from fewshot.errors import FewshotError
 from fewshot.features import Features
 from fewshot.sampling import sample_support
+from fewshot.stats import t_interval
 
 
 def align_classes(train: Features, test: Features) -> Features:
@@ -46,18 +46,6 @@ def align_classes(train: Features, test: Features) -> Features:
         )
     mapping = np.array([index.get(name, -1) for name in test.classes], dtype=np.int64)
     return dataclasses.replace(test, labels=mapping[labels], classes=list(train.classes))
-
-
-def t_interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t confidence interval of the mean (0 for a single value)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, 0.0
-    half = float(stats.t.ppf(0.975, df=len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return mean, half
 
 
 def scores(confusion: np.ndarray) -> tuple[float, float]:

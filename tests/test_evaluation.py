@@ -13,7 +13,7 @@ import pytest
 
 from fewshot.config import Config, EvaluateConfig, HeadsConfig, LogRegConfig
 from fewshot.errors import FewshotError
-from fewshot.evaluation import align_classes, evaluate, run_episodes, t_interval
+from fewshot.evaluation import align_classes, evaluate, run_episodes
 from fewshot.features import Features
 from fewshot.sampling import sample_support
 
@@ -109,14 +109,6 @@ def test_supports_are_balanced_and_shared_across_backbones_and_heads(monkeypatch
                 assert np.bincount(fit["y"], minlength=len(CLASSES)).tolist() == [shots] * len(CLASSES)
             drawn.append(tuple(expected))
         assert len(set(drawn)) == 3  # different seeds draw different supports
-
-
-def test_t_interval_matches_hand_computed_quantile():
-    mean, half = t_interval([0.5, 0.6, 0.7, 0.8])
-    # t_{0.975, df=3} = 3.182446; s = sqrt(0.05 / 3); half-width = t · s / sqrt(4)
-    assert mean == pytest.approx(0.65)
-    assert half == pytest.approx(3.182446 * math.sqrt(0.05 / 3) / 2, rel=1e-6)
-    assert t_interval([0.42]) == (pytest.approx(0.42), 0.0)
 
 
 def test_episode_rows_carry_t_intervals_of_their_per_seed_values(heads):
