@@ -12,7 +12,7 @@ attention (B, heads, N, N) on the unfused path (timm 1.0 ``Attention``, ``Attent
 and the hook are restored afterwards, also on error. ``timm.layers.set_fused_attn`` would not help: it is read
 only when a module is built.
 
-Images are resized whole (no crop) to the model's input size, or to ``img_size``, rounded to whole patches;
+Images are resized whole (no crop) to the model's input size, or to ``img_size`` (whole patches);
 another size is set with timm's ``set_input_size`` on a copy of the model (position embeddings interpolated).
 Jaccard (IoU) is computed at that input resolution: ground-truth masks are resized with nearest neighbours.
 """
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fewshot.errors import FewshotError
+from fewshot.outputs import save_tensors, write_text
 
 
 @dataclass
@@ -141,7 +142,7 @@ def upsample(maps: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
 
 
 def input_size(model: Any, img_size: int | str | tuple[int, int] | None) -> tuple[int, int]:
-    """(H, W) the model runs at: ``img_size`` (int, 'S' or 'HxW') or the model's own, rounded to whole patches."""
+    """(H, W) the model runs at: ``img_size`` (int, 'S' or 'HxW', whole patches) or the model's own."""
     ph, pw = (int(p) for p in model.patch_embed.patch_size)
     if img_size is None:
         h, w = (int(s) for s in model.patch_embed.img_size)
@@ -156,7 +157,10 @@ def input_size(model: Any, img_size: int | str | tuple[int, int] | None) -> tupl
         h, w = (int(s) for s in img_size)
     if h < ph or w < pw:
         raise FewshotError(f"image size {h}x{w} is smaller than one {ph}x{pw} patch; pass a larger --img-size")
-    return h // ph * ph, w // pw * pw
+    if h % ph or w % pw:
+        fit = f"{max(1, round(h / ph)) * ph}x{max(1, round(w / pw)) * pw}"
+        raise FewshotError(f"image size {h}x{w} is not a whole number of {ph}x{pw} patches; use e.g. --img-size {fit}")
+    return h, w
 
 
 def sized_model(model: Any, size: tuple[int, int]) -> Any:
@@ -214,102 +218,105 @@ def run_attention(
     from fewshot.features import pick_device
     from fewshot.images import UnreadableImage
     from fewshot.mask_quality import jaccard_report, mask_index
+    from fewshot.outputs import check_folder, folder_lock
     from fewshot.sources import open_source
 
     if not 0.0 < threshold <= 1.0:
         raise FewshotError(f"threshold {threshold} is not a fraction of the attention mass; use 0 < x <= 1, e.g. 0.6")
-    source = open_source(images)
-    bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-    _, block_index = attention_block(bb.model, block)
-    size = input_size(bb.model, img_size)
-    dev = pick_device(device)
-    model = sized_model(bb.model, size).to(dev)
-    ph, pw = (int(p) for p in model.patch_embed.patch_size)
-    patch = (ph, pw)
-    grid = (size[0] // patch[0], size[1] // patch[1])
-    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    desc = json.loads(bb.transform_desc)
-    mean, std = (torch.tensor(desc[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
-    resample = getattr(Image.Resampling, str(desc.get("interpolation", "bicubic")).upper(), Image.Resampling.BICUBIC)
-    index = mask_index(Path(masks)) if masks is not None else None
+    out = check_folder(out)  # before any image is read
+    with folder_lock(out):
+        source = open_source(images)
+        bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
+        _, block_index = attention_block(bb.model, block)
+        size = input_size(bb.model, img_size)
+        dev = pick_device(device)
+        model = sized_model(bb.model, size).to(dev)
+        ph, pw = (int(p) for p in model.patch_embed.patch_size)
+        patch = (ph, pw)
+        grid = (size[0] // patch[0], size[1] // patch[1])
+        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        desc = json.loads(bb.transform_desc)
+        mean, std = (torch.tensor(desc[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
+        interpolation = str(desc.get("interpolation", "bicubic")).upper()
+        resample = getattr(Image.Resampling, interpolation, Image.Resampling.BICUBIC)
+        index = mask_index(Path(masks)) if masks is not None else None
 
-    out = Path(out)
-    for sub in ("grids", *(("maps",) if save_maps else ()), *(("pca",) if pca else ())):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    skipped, taken = list(source.skipped), set[str]()
-    rows: list[dict[str, Any]] = []
-    cells: list[plots.Cell] = []
-    patch_features: list[np.ndarray] = []
-    pending: list[tuple[str, Any]] = []  # (record name, display image) of the batch being filled
+        for sub in ("grids", *(("maps",) if save_maps else ()), *(("pca",) if pca else ())):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        skipped, taken = list(source.skipped), set[str]()
+        rows: list[dict[str, Any]] = []
+        cells: list[plots.Cell] = []
+        patch_features: list[np.ndarray] = []
+        pending: list[tuple[str, Any]] = []  # (record name, display image) of the batch being filled
 
-    def flush() -> None:
-        x = torch.stack([_to_tensor(img, mean, std) for _, img in pending]).to(dev)  # (B, 3, H, W)
-        attn, tokens = class_attention(model, x, block_index)  # (B, heads, N), (B, N, D)
+        def flush() -> None:
+            x = torch.stack([_to_tensor(img, mean, std) for _, img in pending]).to(dev)  # (B, 3, H, W)
+            attn, tokens = class_attention(model, x, block_index)  # (B, heads, N), (B, N, D)
+            if pca:
+                patch_features.append(tokens[:, n_prefix:].float().cpu().numpy().reshape(len(pending), *grid, -1))
+            for (name, img), row in zip(pending, attn.numpy(), strict=True):
+                rows.append(_one_image(name, img, attention_maps(row, n_prefix, grid, threshold), out, taken, cells))
+            pending.clear()
+
+        bar = tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False)
+        for i, rec in enumerate(source.records):
+            try:
+                pending.append((rec.name, source.load(i).resize((size[1], size[0]), resample)))
+            except UnreadableImage as exc:
+                skipped.append({"path": rec.name, "reason": str(exc)})
+            if len(pending) >= batch_size or (i == len(source) - 1 and pending):
+                flush()
+            bar.update(1)
+        bar.close()
+        if not rows:
+            raise FewshotError(f"no readable images in '{images}' ({len(skipped)} skipped); point at your images")
+
+        meta = {
+            "backbone": bb.spec,
+            "architecture": bb.architecture,
+            "weights_sha256": bb.weights_sha256,
+            "block": block_index,
+            "depth": len(model.blocks),
+            "heads": int(rows[0]["maps"].heads.shape[0]),
+            "prefix_tokens": n_prefix,
+            "patch_size": list(patch),
+            "input_size": list(size),
+            "grid": list(grid),
+            "threshold": threshold,
+        }
+        jac = jaccard_report(rows, index, size, patch, out) if index is not None else None
+        for cell, row in zip(cells, rows, strict=True):
+            if jac is not None and row["name"] in jac["per_image"]:
+                cell.caption += f"  J={jac['per_image'][row['name']]['mean_map']:.2f}"
+        sheets = plots.save_contact_sheets(cells, out / "contact_sheet.png")
+        pca_files: list[str] = []
         if pca:
-            patch_features.append(tokens[:, n_prefix:].float().cpu().numpy().reshape(len(pending), *grid, -1))
-        for (name, img), row in zip(pending, attn.numpy(), strict=True):
-            rows.append(_one_image(name, img, attention_maps(row, n_prefix, grid, threshold), out, taken, cells))
-        pending.clear()
+            from fewshot.pca_maps import pca_feature_maps
 
-    bar = tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False)
-    for i, rec in enumerate(source.records):
-        try:
-            pending.append((rec.name, source.load(i).resize((size[1], size[0]), resample)))
-        except UnreadableImage as exc:
-            skipped.append({"path": rec.name, "reason": str(exc)})
-        if len(pending) >= batch_size or (i == len(source) - 1 and pending):
-            flush()
-        bar.update(1)
-    bar.close()
-    if not rows:
-        raise FewshotError(f"no readable images in '{images}' ({len(skipped)} skipped); point at your images")
+            result = pca_feature_maps(np.concatenate(patch_features))  # (N, gh, gw, D) patches of every image
+            pca_files = plots.save_pca(result, [c.image for c in cells], [r["slug"] for r in rows], out / "pca")
+            meta["pca_explained_variance"] = result.explained_variance_ratio
+        if save_maps:
+            _save_maps(rows, meta, out / "maps")
+        summary: dict[str, Any] = {
+            **meta,
+            "images": len(rows),
+            "out": str(out),
+            "grids": [str(out / "grids" / f"{r['slug']}.png") for r in rows],
+            "contact_sheets": [str(p) for p in sheets],
+            "pca": pca_files,
+            "maps": [str(out / "maps" / f"{r['slug']}.safetensors") for r in rows] if save_maps else [],
+            "prefix_mass": float(np.mean([r["maps"].prefix_mass.mean() for r in rows])),
+            "skipped": skipped,
+        }
+        if jac is not None:
+            summary["jaccard"] = {**jac, "report": str(out / "jaccard.json")}
+        write_json(out / "attention.json", summary)
+        if cfg is not None:
+            from fewshot.config import save_config
 
-    meta = {
-        "backbone": bb.spec,
-        "architecture": bb.architecture,
-        "weights_sha256": bb.weights_sha256,
-        "block": block_index,
-        "depth": len(model.blocks),
-        "heads": int(rows[0]["maps"].heads.shape[0]),
-        "prefix_tokens": n_prefix,
-        "patch_size": list(patch),
-        "input_size": list(size),
-        "grid": list(grid),
-        "threshold": threshold,
-    }
-    jac = jaccard_report(rows, index, size, patch, out) if index is not None else None
-    for cell, row in zip(cells, rows, strict=True):
-        if jac is not None and row["name"] in jac["per_image"]:
-            cell.caption += f"  J={jac['per_image'][row['name']]['mean_map']:.2f}"
-    sheets = plots.save_contact_sheets(cells, out / "contact_sheet.png")
-    pca_files: list[str] = []
-    if pca:
-        from fewshot.pca_maps import pca_feature_maps
-
-        result = pca_feature_maps(np.concatenate(patch_features))  # (N, gh, gw, D) patches of every image
-        pca_files = plots.save_pca(result, [c.image for c in cells], [r["slug"] for r in rows], out / "pca")
-        meta["pca_explained_variance"] = result.explained_variance_ratio
-    if save_maps:
-        _save_maps(rows, meta, out / "maps")
-    summary: dict[str, Any] = {
-        **meta,
-        "images": len(rows),
-        "out": str(out),
-        "grids": [str(out / "grids" / f"{r['slug']}.png") for r in rows],
-        "contact_sheets": [str(p) for p in sheets],
-        "pca": pca_files,
-        "maps": [str(out / "maps" / f"{r['slug']}.safetensors") for r in rows] if save_maps else [],
-        "prefix_mass": float(np.mean([r["maps"].prefix_mass.mean() for r in rows])),
-        "skipped": skipped,
-    }
-    if jac is not None:
-        summary["jaccard"] = {**jac, "report": str(out / "jaccard.json")}
-    write_json(out / "attention.json", summary)
-    if cfg is not None:
-        from fewshot.config import save_config
-
-        save_config(cfg, out / "config.json", data=str(images), attention={k: summary[k] for k in meta})
-    return summary
+            save_config(cfg, out / "config.json", data=str(images), attention={k: summary[k] for k in meta})
+        return summary
 
 
 def _to_tensor(img: Any, mean: Any, std: Any) -> Any:
@@ -333,8 +340,6 @@ def _one_image(
 
 def _save_maps(rows: list[dict[str, Any]], meta: dict[str, Any], folder: Path) -> None:
     """Raw patch-grid maps per image as safetensors (+ index.json): heads, mean, masks, prefix mass."""
-    from safetensors.numpy import save_file
-
     strings = {k: json.dumps(v) for k, v in meta.items()}
     for row in rows:
         m: AttentionMaps = row["maps"]
@@ -347,12 +352,11 @@ def _save_maps(rows: list[dict[str, Any]], meta: dict[str, Any], folder: Path) -
             "union_mask": m.union_mask.astype(np.uint8),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_file(tensors, str(folder / f"{row['slug']}.safetensors"), metadata={**strings, "name": row["name"]})
+        save_tensors(folder / f"{row['slug']}.safetensors", tensors, metadata={**strings, "name": row["name"]})
     index = {"files": {f"{r['slug']}.safetensors": r["name"] for r in rows}, **meta}
     index["tensors"] = "heads (h,gh,gw) float32, mean (gh,gw), prefix_mass (h,), masks/mean_mask/union_mask uint8"
     write_json(folder / "index.json", index)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -1,9 +1,10 @@
 """Backbone specs: one string names any feature extractor, built only through ``timm.create_model``.
 
 Grammar: ``SPEC[:key=value,key=value...]``. The suffix passes keyword arguments to ``timm.create_model``
-(``img_size``, ``patch_size``, ``depth``, ...) except four of ours: ``arch`` (the timm architecture of a
-foreign weights file), ``seed`` (random init), ``size`` (pixels) and ``pool`` (this backbone's token pooling,
-overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one evaluation).
+(``img_size``, ``patch_size``, ``depth``, ...) except five of ours: ``arch`` (the timm architecture of a
+foreign weights file), ``seed`` (random init), ``size`` (pixels), ``pool`` (this backbone's token pooling,
+overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one evaluation) and ``strict``
+(``strict=false`` accepts weights that leave more than :data:`MAX_MISSING_SHARE` of the model random).
 
 - ``pixels`` / ``pixels:SIZE`` -- the image resized to SIZE x SIZE (default 32), flattened: the raw baseline;
 - a timm name, e.g. ``vit_tiny_patch16_224:img_size=32,patch_size=8`` -- random init (seeded): a baseline;
@@ -20,6 +21,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ from fewshot.errors import FewshotError
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state", "module", "net", "network")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
+# A weights file may miss a few tensors (e.g. a norm the checkpoint never had); beyond this share of the model's
+# parameters left at random init, the features would not be the checkpoint's: refuse unless strict=false.
+MAX_MISSING_SHARE = 0.01
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class BackboneSpec:
     seed: int = 0
     size: int = 32
     pool: str | None = None  # overrides the command's --pool for this backbone
+    strict: bool = True  # refuse weights that leave much of the model random
 
 
 def parse_spec(spec: str) -> BackboneSpec:
@@ -50,8 +58,43 @@ def parse_spec(spec: str) -> BackboneSpec:
     if not spec:
         raise FewshotError("empty backbone spec; pass e.g. pixels, vit_small_patch16_224 or a run folder")
     base, options = _split_options(spec)
+    _check_unparsed_options(spec, base)
     pool = options.pop("pool", None)
-    return dataclasses.replace(_parse(spec, base, options), pool=None if pool is None else str(pool))
+    strict = options.pop("strict", True)
+    if not isinstance(strict, bool):
+        raise FewshotError(f"backbone '{spec}': strict takes True or False, e.g. {base}:strict=False")
+    parsed = _parse(spec, base, options)
+    return dataclasses.replace(parsed, pool=None if pool is None else str(pool), strict=strict)
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a relative weights file or run folder made absolute (options kept): what a saved artifact
+    records, so that it names the same backbone from any working directory."""
+    spec = spec.strip()
+    if parse_spec(spec).kind not in ("weights", "run"):
+        return spec
+    base = spec_base(spec)
+    return str(Path(base).expanduser().resolve()) + spec[len(base) :]
+
+
+def spec_base(spec: str) -> str:
+    """The spec without its ``:key=value`` options: a timm name, a hub name or a path."""
+    return _split_options(spec.strip())[0]
+
+
+def _check_unparsed_options(spec: str, base: str) -> None:
+    """'pixels:abc' or 'vit_x:img_size' (no '='): an option suffix that is not key=value, named as such."""
+    head, sep, _ = base.rpartition(":")
+    if not sep or not head or head == "hf-hub" or Path(base).exists():
+        return
+    if head == "pixels":
+        raise FewshotError(f"backbone '{spec}': pixels takes only a size in pixels, e.g. pixels:32")
+    import timm
+
+    if timm.is_model(head) or Path(head).expanduser().exists() or head.startswith("hf-hub:"):
+        raise FewshotError(
+            f"backbone '{spec}': options after ':' must be key=value pairs, e.g. {head}:img_size=64,pool=avg"
+        )
 
 
 def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
@@ -131,6 +174,7 @@ class Backbone:
     model_kwargs: dict[str, Any]
     load_report: str = ""  # missing / unexpected keys when weights were loaded
     pool: str | None = None  # the spec's own pooling, overriding the command's
+    note: str = ""  # a warning that travels with the features (e.g. an unfinished run)
 
 
 def load_backbone(spec: str) -> Backbone:
@@ -142,7 +186,7 @@ def load_backbone(spec: str) -> Backbone:
     import torch
 
     data_cfg: dict[str, Any] | None = None
-    report = ""
+    report = note = ""
     if parsed.kind == "timm":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(parsed.seed)  # the random-init baseline is reproducible
@@ -166,13 +210,32 @@ def load_backbone(spec: str) -> Backbone:
             )
         kwargs = {**json.loads(meta.get("model_kwargs", "{}")), **parsed.kwargs}
         model = _create(arch, kwargs)
-        report = load_state(model, state, str(parsed.path))
+        report = load_state(model, state, str(parsed.path), strict=parsed.strict)
+        if report:
+            log.warning("%s: %s", parsed.path, report)
         parsed = dataclasses.replace(parsed, name=arch, kwargs=kwargs)
         sha = file_sha256(parsed.path)  # type: ignore[arg-type]  # set for weights and runs
         data_cfg = {k: json.loads(meta[k]) for k in ("mean", "std", "crop_pct", "interpolation") if k in meta}
+        note = _unfinished(parsed.path, meta)  # type: ignore[arg-type]
     model.eval()
     transform, desc = _timm_transform(model, data_cfg)
-    return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report, parsed.pool)
+    return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report, parsed.pool, note)
+
+
+def _unfinished(path: Path, meta: dict[str, str]) -> str:
+    """A warning (also logged) when ``path`` was exported by a pretraining run that stopped before its last step."""
+    try:
+        step, total = int(json.loads(meta["step"])), int(json.loads(meta["total_steps"]))
+    except (KeyError, ValueError, TypeError):
+        return ""  # not written by fewshot pretrain, or by an older version
+    if step >= total:
+        return ""
+    note = (
+        f"{path} is from an unfinished run: step {step:,} of {total:,}; re-run the same `fewshot pretrain` "
+        "command to finish it"
+    )
+    log.warning(note)
+    return note
 
 
 def _create(arch: str, kwargs: dict[str, Any]) -> Any:
@@ -236,6 +299,12 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     import torch
 
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    # torch.save writes a zip archive (since 1.6) or, before that, a pickle (protocol ≥ 2 opens with 0x80); any other
+    # file would reach the legacy unpickler and fail with whatever error its first bytes provoke
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise FewshotError(f"'{path}' is not a PyTorch checkpoint (no zip or pickle header); check the file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -244,7 +313,7 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             f"refusing to load '{path}': it holds pickled objects other than tensors, which could run code "
             f"({first[:120]}); convert it to safetensors with a trusted tool first"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as exc:  # damaged legacy pickles too
         raise FewshotError(f"'{path}' is not a readable PyTorch checkpoint ({exc})") from None
     return unwrap_state_dict(obj, path), {}
 
@@ -274,8 +343,14 @@ def unwrap_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, An
     return state
 
 
-def load_state(model: Any, state: dict[str, Any], where: str) -> str:
-    """Load ``state`` into ``model`` (non-strict); return a one-line report of missing/unexpected keys."""
+def load_state(model: Any, state: dict[str, Any], where: str, strict: bool = True) -> str:
+    """Load ``state`` into ``model``; return a one-line report of missing/unexpected keys ('' when all fit).
+
+    Refuses (one line) a load that leaves more than :data:`MAX_MISSING_SHARE` of the model's parameters at random
+    init unless ``strict`` is False: such weights are not the checkpoint's model (e.g. 2-block weights in a 4-block
+    ViT). Unexpected keys (weights the model has no place for, e.g. blocks dropped) are reported, not refused:
+    checkpoints often carry heads and decoders the backbone does not use.
+    """
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     if isinstance(model, VisionTransformer):
@@ -288,20 +363,25 @@ def load_state(model: Any, state: dict[str, Any], where: str) -> str:
             f"weights in '{where}' do not fit this architecture: {k} is {tuple(state[k].shape)} in the file but "
             f"{tuple(own[k].shape)} in the model ({len(bad)} mismatched); pick the matching :arch= and options"
         )
-    result = model.load_state_dict(state, strict=False)
-    missing = list(result.missing_keys)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]  # projection heads are expected
-    if len(missing) > len(own) // 2:
+    params = dict(model.named_parameters())
+    missing = [k for k in own if k not in state]
+    share = sum(params[k].numel() for k in missing if k in params) / max(1, sum(p.numel() for p in params.values()))
+    if share > MAX_MISSING_SHARE and strict:
         raise FewshotError(
-            f"weights in '{where}' match almost nothing in the model ({len(missing)} of {len(own)} tensors missing, "
-            f"e.g. {missing[:3]}); is this the right architecture?"
+            f"weights in '{where}' leave {100 * share:.0f}% of the model's parameters at random init ({len(missing)} "
+            f"tensors missing, e.g. {', '.join(missing[:3])}); pick the architecture options the weights were "
+            "trained with (e.g. depth=), or add :strict=false to accept a partial load"
         )
+    model.load_state_dict(state, strict=False)
+    unexpected = [k for k in state if k not in own and not k.startswith("head")]  # projection heads are expected
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}; "
+                     f"{100 * share:.1f}% of the parameters left at random init)")  # fmt: skip
     if unexpected:
         parts.append(
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}; "
+            "not used)"
         )
     return "; ".join(parts)
 

@@ -8,6 +8,7 @@ answers at once. User errors (:class:`fewshot.errors.FewshotError`) print as one
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -67,6 +68,7 @@ def command(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _show_library_warnings()
         try:
             _check_processes(fn.__name__)
             return fn(*args, **kwargs)
@@ -79,6 +81,20 @@ def command(fn: F) -> F:
 
     app.command()(wrapper)
     return fn
+
+
+class _WarningLine(logging.Handler):
+    """Library warnings (the ``fewshot`` logger) as one yellow ``warning:`` line each on stderr, rank 0 only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _leader():
+            typer.secho(f"warning: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("fewshot")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
 
 
 def _config(recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], base: Any = None) -> Any:
@@ -245,15 +261,26 @@ def predict(
     images: Data,
     head: Annotated[Path, typer.Option("--head", help="Folder written by `fewshot probe`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="CSV file: path,label,score.")] = Path("predictions.csv"),
+    allow_backbone_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-backbone-change",
+            help="Predict even if the backbone's weights changed since the head was fitted (its features may not "
+            "match the head).",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Label new images with a saved head; writes path,label,score.
+
+    The head's backbone is the one it was fitted on (recorded with an absolute path and its weights' sha256); a
+    backbone whose weights have changed since is refused.
 
     Example: `fewshot predict new_images/ --head head/ --out predictions.csv`
     """
     from fewshot.probing import predict as run
 
-    result = run(images, head, out, progress=not quiet)
+    result = run(images, head, out, progress=not quiet, allow_backbone_change=allow_backbone_change)
     _echo_skips(result["skipped"])
     typer.echo(f"{len(result['predictions'])} predictions written to {out}")
 
@@ -409,12 +436,17 @@ def demo(
 
 
 def _print_report(report: dict[str, Any], out: Path) -> None:
+    from fewshot.report import few_seeds_note, interval
+
     _echo_skips(report.get("skipped", []))
     results = report["results"]
     largest = max(r["shots"] for r in results)
     typer.echo(f"{largest}-shot accuracy (mean ± 95% CI over {results[0]['seeds']} seeds):")
     for r in sorted((r for r in results if r["shots"] == largest), key=lambda r: -r["accuracy"]):
-        typer.echo(f"  {r['backbone']:<48} {r['head']:<10} {r['accuracy']:.4f} ± {r['accuracy_ci95']:.4f}")
+        score = interval(r["accuracy"], r["accuracy_ci95"], scale=1.0, digits=4)
+        typer.echo(f"  {r['backbone']:<48} {r['head']:<10} {score}")
+    if note := few_seeds_note(report["seeds"]):
+        typer.secho(f"warning: {note}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"report: {out / 'report.md'}  plot: {out / 'label_efficiency.png'}")
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewshot.config_rules import ConfigValueError, above, at_least, check, each, fraction, pool_name
 from fewshot.errors import FewshotError
+from fewshot.outputs import write_text
 from fewshot.pretrain_config import METHOD_OPTIM, OptimConfig, PretrainConfig
 
 
@@ -33,6 +35,9 @@ class ExtractConfig:
     workers: int = 0  # DataLoader workers; 0 decodes in the main process (best on 2 CPU cores)
     cache: bool = True  # reuse features computed before for the same backbone + data + transform + pool
 
+    def __post_init__(self) -> None:
+        check(self, pool=pool_name(), batch_size=at_least(1), workers=at_least(0))
+
 
 @dataclass(frozen=True)
 class KNNConfig:
@@ -40,6 +45,9 @@ class KNNConfig:
 
     k: int = 20
     temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        check(self, k=at_least(1), temperature=above(0))
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,18 @@ class LogRegConfig:
     cv_folds: int = 5
     max_iter: int = 1000
 
+    def __post_init__(self) -> None:
+        check(self, c_grid=each(above(0)), one_shot_c=above(0), cv_folds=at_least(2), max_iter=at_least(1))
+
 
 @dataclass(frozen=True)
 class PrototypeConfig:
     """Nearest class mean of L2-normalised features (Snell et al. 2017)."""
 
     temperature: float = 0.1  # softmax temperature over cosine similarities, for scores only
+
+    def __post_init__(self) -> None:
+        check(self, temperature=above(0))
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,10 @@ class LinearConfig:
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self, epochs=at_least(1), lr=above(0), batch_size=at_least(1), momentum=fraction(closed_high=False),
+              weight_decay=at_least(0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,9 @@ class ProbeConfig:
     shots: int | None = None  # labels per class drawn from TRAIN; None uses every label
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check(self, shots=at_least(1))
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -93,6 +114,9 @@ class EvaluateConfig:
     heads: tuple[str, ...] = ("knn", "logreg", "prototype")
     seed: int = 0  # first seed; episode i uses seed + i
     full_knn: bool = True  # also report k-NN with every TRAIN label
+
+    def __post_init__(self) -> None:
+        check(self, shots=each(at_least(1)), seeds=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -141,12 +165,16 @@ def _layers(cfg: Any, recipe: Path | None, sets: Iterable[str], flags: Mapping[s
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     if given:
         # Flags arrive typed by the CLI, except comma lists such as --shots 1,2,5, which parse like --set.
-        cfg = apply(cfg, _nest(given), source="command-line flag", from_string=True)
+        # An error names the flag as typed: pretrain.steps -> --steps.
+        typed = {k: "--" + k.rsplit(".", 1)[-1].replace("_", "-") for k in given}
+        cfg = apply(cfg, _nest(given), source="command-line flag", from_string=True, typed=typed)
     return cfg
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise FewshotError(f"recipe {path} is a folder; pass a TOML file in it, e.g. {path}/<name>.toml")
     if not path.is_file():
         raise FewshotError(f"recipe {path} does not exist; pass a TOML file, e.g. recipes/<name>.toml")
     try:
@@ -155,8 +183,16 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise FewshotError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
 
 
-def apply(cfg: Any, overrides: Mapping[str, Any], source: str, from_string: bool = False, prefix: str = "") -> Any:
-    """Return ``cfg`` with nested ``overrides`` applied, every key and value checked against the types."""
+def apply(
+    cfg: Any,
+    overrides: Mapping[str, Any],
+    source: str,
+    from_string: bool = False,
+    prefix: str = "",
+    typed: Mapping[str, str] | None = None,
+) -> Any:
+    """Return ``cfg`` with nested ``overrides`` applied, every key and value checked against the types and the
+    sections' value rules. ``typed`` maps dotted keys to what the user typed (flags), for the error messages."""
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
     changes: dict[str, Any] = {}
@@ -169,10 +205,18 @@ def apply(cfg: Any, overrides: Mapping[str, Any], source: str, from_string: bool
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise FewshotError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{dotted}.<key>'")
-            changes[key] = apply(current, value, source, from_string, prefix=f"{dotted}.")
+            changes[key] = apply(current, value, source, from_string, prefix=f"{dotted}.", typed=typed)
         else:
             changes[key] = coerce(value, hints[key], dotted, from_string)
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ConfigValueError as exc:  # the section's own rules (config_rules): name the key as given, and where
+        dotted = f"{prefix}{exc.key}"
+        if typed and dotted in typed:
+            raise FewshotError(f"{typed[dotted]} must be {exc.rule}, got {exc.value!r}; fix the value") from None
+        raise FewshotError(
+            f"config key '{dotted}' must be {exc.rule}, got {exc.value!r} ({source}); fix the value"
+        ) from None
 
 
 def coerce(value: Any, typ: Any, key: str, from_string: bool = False) -> Any:
@@ -246,9 +290,7 @@ def save_config(cfg: Any, path: Path, **extra: Any) -> None:
     from fewshot import __version__
 
     payload = {"fewshot_version": __version__, **extra, "config": to_dict(cfg)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def from_dict(cls: type, data: Mapping[str, Any]) -> Any:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from fewshot.config import Config, EvaluateConfig, apply
-from fewshot.errors import FewshotError
 
 # Shares of the 1,797 digits: 897 unlabeled, 360 labelled TRAIN (36 per class: room for 10-shot supports) and 540
 # TEST images.
@@ -120,13 +119,12 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
     import dataclasses
 
     from fewshot.evaluation import check_evaluate_config, evaluate
+    from fewshot.outputs import check_folder
     from fewshot.sources import open_source
     from fewshot.train import pretrain as train
 
-    out = Path(out)
+    out = check_folder(out)  # before any work
     cfg = cfg or demo_config()
-    if pretrain and cfg.pretrain.steps is not None and cfg.pretrain.steps < 1:
-        raise FewshotError(f"--steps must be at least 1, got {cfg.pretrain.steps}; --no-pretrain skips pretraining")
     run = out / "runs" / run_name(cfg) if pretrain else None
     pool = POOL.get(cfg.pretrain.method)
     roles = {random_init_spec(cfg): "random init", PIXELS: "pixels"}

@@ -108,7 +108,7 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
                     for s in seeds:
                         idx = supports[(k, s)]
                         model = make_head(head, cfg.heads, random_state=s).fit(x_train[idx], y_train[idx])
-                        cm = _confusion(y_test, model.predict(x_test), len(classes))
+                        cm = confusion_counts(y_test, model.predict(x_test), len(classes))
                         acc, bal = scores(cm)
                         per_seed.append({"seed": s, "accuracy": acc, "balanced_accuracy": bal})
                         confusion += cm
@@ -117,7 +117,7 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
             if ev.full_knn:
                 labelled = y_train >= 0
                 model = make_head("knn", cfg.heads, random_state=ev.seed).fit(x_train[labelled], y_train[labelled])
-                cm = _confusion(y_test, model.predict(x_test), len(classes))
+                cm = confusion_counts(y_test, model.predict(x_test), len(classes))
                 acc, bal = scores(cm)
                 rows.append(
                     _row(backbone, "knn", None, [{"seed": ev.seed, "accuracy": acc, "balanced_accuracy": bal}], cm)
@@ -140,13 +140,9 @@ def check_evaluate_config(cfg: Config) -> None:
         raise FewshotError(f"unknown head(s) {', '.join(unknown)} in evaluate.heads; choose from: {', '.join(HEADS)}")
     if ev.full_knn and "knn" not in HEADS:
         raise FewshotError("evaluate.full_knn needs the 'knn' head; set evaluate.full_knn=false")
-    if not ev.shots or min(ev.shots) < 1:
-        raise FewshotError(f"evaluate.shots must be positive integers, got {list(ev.shots)}; e.g. --shots 1,2,5,10")
-    if ev.seeds < 1:
-        raise FewshotError(f"evaluate.seeds must be at least 1, got {ev.seeds}")
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """(n, n) counts, rows true class, columns predicted class."""
     return np.bincount(y_true * n + np.asarray(y_pred, dtype=np.int64), minlength=n * n).reshape(n, n)
 
@@ -208,6 +204,8 @@ def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], 
         "best": best,
         "skipped": skipped,
         "skipped_count": len(skipped),
+        # warnings that travel with a backbone's features, e.g. an unfinished pretraining run
+        "backbone_notes": {b: f[0].meta["backbone_note"] for b, f in feats.items() if f[0].meta.get("backbone_note")},
     }
 
 
@@ -225,9 +223,7 @@ def evaluate(
     (e.g. ImageFolder directories). ``backbones`` overrides ``cfg.evaluate.backbones``. With ``out``, writes
     ``report.json``, ``report.md``, ``label_efficiency.png`` and the resolved ``config.json`` there.
     """
-    from fewshot.config import save_config
-    from fewshot.features import extract_features
-    from fewshot.report import write_report
+    from fewshot.outputs import check_folder, folder_lock
 
     cfg = cfg if cfg is not None else Config()
     if isinstance(backbones, str):
@@ -235,6 +231,19 @@ def evaluate(
     if backbones:
         cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, backbones=tuple(backbones)))
     check_evaluate_config(cfg)
+    if out is None:
+        return _evaluate(train, test, cfg, None, progress)
+    out = check_folder(out)  # before minutes of extraction
+    with folder_lock(out):
+        return _evaluate(train, test, cfg, out, progress)
+
+
+def _evaluate(train: str | Path, test: str | Path, cfg: Config, out: Path | None, progress: bool) -> dict:
+    from fewshot.config import save_config
+    from fewshot.features import extract_features
+    from fewshot.report import write_report
+    from fewshot.sources import no_labels_message
+
     feats: dict[str, tuple[Features, Features]] = {}
     for spec in dict.fromkeys(cfg.evaluate.backbones):  # de-duplicated, order kept
         extract_cfg = dataclasses.replace(cfg.extract, backbone=spec)
@@ -242,9 +251,11 @@ def evaluate(
             extract_features(train, extract_cfg, progress=progress),
             extract_features(test, extract_cfg, progress=progress),
         )
+        for split, name in ((feats[spec][0], train), (feats[spec][1], test)):
+            if not split.classes:  # before any other backbone is extracted
+                raise FewshotError(no_labels_message(name) + " (evaluate needs labelled TRAIN and TEST)")
     report = build_report(run_episodes(feats, cfg, progress=progress), feats, cfg)
     if out is not None:
-        out = Path(out)
         write_report(report, out)
         save_config(cfg, out / "config.json")
     return report

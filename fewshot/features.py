@@ -14,17 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fewshot.config import Config, ExtractConfig, save_config
+from fewshot.config_rules import POOL_PATTERN
 from fewshot.errors import FewshotError
 
-CACHE_VERSION = "1"
+if TYPE_CHECKING:
+    from fewshot.backbones import Backbone
+
+CACHE_VERSION = "2"  # 2: the data fingerprint covers class names and skipped files
 
 
 @dataclass
@@ -51,58 +54,69 @@ def extract(
     progress: bool = True,
 ) -> Features:
     """Python twin of ``fewshot extract``: features of every image in ``data``; written to ``out`` if given."""
+    from fewshot import distributed
+    from fewshot.outputs import check_file
+
     cfg = cfg or Config()
     ecfg = cfg.extract
     if backbone is not None:
         ecfg = replace(ecfg, backbone=backbone)
     if pool is not None:
         ecfg = replace(ecfg, pool=pool)
+    if out is not None:
+        out = check_file(out, suffix=".safetensors")  # before minutes of extraction
     feats = extract_features(data, ecfg, progress=progress)
-    from fewshot import distributed
-
     if out is not None and distributed.is_main():
-        out = Path(out)
         save_features(feats, out)
         save_config(replace(cfg, extract=ecfg), out.with_suffix(".config.json"), data=str(data))
     return feats
 
 
-def extract_features(data: str | Path, cfg: ExtractConfig, progress: bool = True) -> Features:
-    """Features of every readable image in ``data`` with ``cfg.backbone``; cached unless ``cfg.cache`` is off."""
+def extract_features(
+    data: str | Path, cfg: ExtractConfig, progress: bool = True, backbone: Backbone | None = None
+) -> Features:
+    """Features of every readable image in ``data`` with ``cfg.backbone`` (or the already loaded ``backbone``
+    that spec names); cached unless ``cfg.cache`` is off."""
     from fewshot import distributed
     from fewshot.backbones import load_backbone
     from fewshot.sources import open_source
 
     ranks = distributed.setup(pick_device(cfg.device))  # under torchrun the images are shared out among ranks
-    backbone = load_backbone(cfg.backbone)
+    backbone = backbone or load_backbone(cfg.backbone)
     cfg = replace(cfg, pool=backbone.pool or cfg.pool)  # a spec's own :pool= wins over --pool
     check_pool(cfg.pool)
+    check_pool_for(backbone.model, cfg.pool)
     images = open_source(data)
     key = _cache_key(images.fingerprint, backbone, cfg.pool)
     cached = cache_dir() / f"{key}.safetensors"
+    feats = None
     if cfg.cache and cached.is_file():
         try:
-            return load_features(cached)
+            feats = load_features(cached)
         except FewshotError:
             cached.unlink(missing_ok=True)  # a damaged cache entry is recomputed, never trusted
-    feats = _compute(images, backbone, cfg, progress and ranks.main, ranks)
-    feats.meta.update(
-        backbone=cfg.backbone,
-        architecture=backbone.architecture,
-        model_kwargs=json.dumps(backbone.model_kwargs, sort_keys=True),
-        weights_sha256=backbone.weights_sha256,
-        pool=cfg.pool,
-        transform=backbone.transform_desc,
-        data=str(data),
-    )
-    if cfg.cache and ranks.main:
-        save_features(feats, cached)
+    if feats is None:
+        feats = _compute(images, backbone, cfg, progress and ranks.main, ranks)
+        feats.meta.update(
+            architecture=backbone.architecture,
+            model_kwargs=json.dumps(backbone.model_kwargs, sort_keys=True),
+            weights_sha256=backbone.weights_sha256,
+            pool=cfg.pool,
+            transform=backbone.transform_desc,
+        )
+        if cfg.cache and ranks.main:
+            save_features(feats, cached)
+    # how the backbone and data were named this time: they do not define the features, so they are not in the key
+    feats.meta.update(backbone=cfg.backbone, data=str(data))
+    if backbone.note:
+        feats.meta["backbone_note"] = backbone.note
     return feats
 
 
 def check_pool(pool: str) -> None:
-    if pool not in ("cls", "avg", "cls+avg") and not re.fullmatch(r"last[1-9]\d*", pool):
-        raise FewshotError(f"unknown pool '{pool}'; use cls, avg, cls+avg or lastN (e.g. last4)")
+    """A pool name from a backbone spec's ``:pool=`` (the config's own is checked when it is built)."""
+    if POOL_PATTERN.fullmatch(pool) is None:
+        raise FewshotError(f"unknown pool '{pool}'; use cls, avg, cls+avg or lastN with N ≥ 1 (e.g. last4)")
 
 
 # ---------------------------------------------------------------------------------------------- computing
@@ -193,28 +207,34 @@ def _collate(items: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[di
     return x, [g[1] for g in good], bad
 
 
+def check_pool_for(model: Any, pool: str) -> None:
+    """Refuse (one line, before any image is read) a pooling the model cannot give; ``model`` None is pixels."""
+    if model is None:
+        return
+    has_cls = getattr(model, "cls_token", None) is not None
+    if pool.startswith("last"):
+        depth = len(getattr(model, "blocks", [])) if hasattr(model, "forward_intermediates") else 0
+        if depth == 0 or not has_cls:
+            raise FewshotError(f"pool {pool} needs a ViT with a class token and blocks; use --pool avg")
+        if int(pool[4:]) > depth:
+            raise FewshotError(f"pool {pool} asks for {pool[4:]} blocks but the model has {depth}; use last{depth}")
+    elif pool != "avg" and not has_cls:
+        raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
+
+
 def embed(model: Any, x: Any, pool: str) -> Any:
     """Pool a timm model's tokens into one vector per image: (B, 3, H, W) -> (B, D)."""
     import torch
 
+    check_pool_for(model, pool)
     if pool.startswith("last"):
         n = int(pool[4:])
-        if not hasattr(model, "forward_intermediates"):
-            raise FewshotError(f"pool {pool} needs a timm ViT with forward_intermediates; use cls or avg")
-        depth = len(getattr(model, "blocks", []))
-        if n > depth:
-            raise FewshotError(f"pool {pool} asks for {n} blocks but the model has {depth}; use last{depth} or fewer")
         outs = model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, intermediates_only=True)
         return torch.cat([prefix[:, 0] for _, prefix in outs], dim=1)  # (B, n * D)
     tokens = model.forward_features(x)
-    if tokens.ndim == 4:  # a CNN: (B, C, h, w) has no class token
-        if pool != "avg":
-            raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
+    if tokens.ndim == 4:  # a CNN: (B, C, h, w) has no class token (check_pool_for allowed only avg)
         return tokens.mean(dim=(2, 3))  # (B, C)
     n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    has_cls = getattr(model, "cls_token", None) is not None
-    if pool != "avg" and not has_cls:
-        raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
     cls = tokens[:, 0]  # (B, D)
     avg = tokens[:, n_prefix:].mean(dim=1)  # (B, D), prefix (class/register) tokens excluded
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], dim=1)}[pool]
@@ -238,10 +258,8 @@ def pick_device(name: str) -> Any:
 
 def save_features(feats: Features, path: Path) -> None:
     """Write ``feats`` as safetensors (atomically: a reader never sees half a file)."""
-    from safetensors.numpy import save_file
+    from fewshot.outputs import save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         **feats.meta,
         "classes": json.dumps(feats.classes),
@@ -252,9 +270,7 @@ def save_features(feats: Features, path: Path) -> None:
         "features": np.ascontiguousarray(feats.features, np.float32),
         "labels": feats.labels.astype(np.int64),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_tensors(path, tensors, metadata=meta)
 
 
 def load_features(path: str | Path) -> Features:

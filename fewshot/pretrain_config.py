@@ -11,6 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fewshot.config_rules import (
+    ConfigValueError,
+    above,
+    at_least,
+    check,
+    each,
+    fraction,
+    one_of,
+    scale_range,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -27,6 +38,11 @@ class OptimConfig:
     weight_decay_end: float = 0.4  # ... to this; biases and 1-D (norm) parameters never decay
     clip_grad: float = 3.0  # max L2 norm of each parameter's gradient (DINO's clip_gradients); 0 disables
     betas: tuple[float, ...] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        check(self, lr=above(0), min_lr=at_least(0), warmup_steps=at_least(0), warmup_epochs=at_least(0),
+              weight_decay=at_least(0), weight_decay_end=at_least(0), clip_grad=at_least(0),
+              betas=each(fraction(closed_high=False), length=2))  # fmt: skip
 
 
 # The optimiser each method starts from when the recipe, --set and flags leave a value unset (a layer between
@@ -74,6 +90,18 @@ class DinoConfig:
     blur_sigma: tuple[float, ...] = (0.1, 2.0)  # in pixels of a 224-px crop; scaled with img_size
     solarize_prob: float = 0.2  # global view 2 only
 
+    def __post_init__(self) -> None:
+        prob = fraction()
+        check(self, out_dim=at_least(1), hidden_dim=at_least(1), bottleneck_dim=at_least(1),
+              freeze_last_layer_steps=at_least(0), drop_path_rate=fraction(closed_high=False),
+              student_temp=above(0), teacher_temp=above(0), warmup_teacher_temp=above(0),
+              warmup_teacher_temp_steps=at_least(0), center_momentum=prob, momentum_teacher=prob,
+              global_crop_scale=scale_range(), local_crops=at_least(0), local_crop_size=at_least(1),
+              local_crop_scale=scale_range(), flip_prob=prob, jitter_prob=prob, brightness=at_least(0),
+              contrast=at_least(0), saturation=at_least(0), hue=(lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+              grayscale_prob=prob, blur_probs=each(prob, length=3), blur_sigma=each(above(0), length=2),
+              solarize_prob=prob)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MaeConfig:
@@ -89,8 +117,17 @@ class MaeConfig:
     norm_pix_loss: bool = True  # targets normalised per patch
     fixed_pos_embed: bool = True  # 2-D sin-cos position embeddings in the encoder, as the paper's code
     drop_path_rate: float = 0.0
-    reconstruct_every: int = 10  # epochs between RUN/reconstructions/epoch_NNNN.png grids (one always at the end)
+    reconstruct_every: int = 10  # epochs between RUN/reconstructions/epoch_NNNN.png grids (+ one at the end; 0: only)
     reconstruct_images: int = 8  # images per grid; 0 disables
+
+    def __post_init__(self) -> None:
+        check(self, mask_ratio=(lambda v: 0 < v < 1, "in (0, 1) (the paper: 0.75)"), crop_scale=scale_range(),
+              flip_prob=fraction(), decoder_dim=at_least(4), decoder_depth=at_least(1), decoder_heads=at_least(1),
+              decoder_mlp_ratio=above(0), drop_path_rate=fraction(closed_high=False), reconstruct_every=at_least(0),
+              reconstruct_images=at_least(0))  # fmt: skip
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ConfigValueError("decoder_dim", self.decoder_dim, f"divisible by 4 and by decoder_heads "
+                                   f"({self.decoder_heads})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,3 +156,13 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
+
+    def __post_init__(self) -> None:
+        from fewshot.methods import METHODS  # names only: imports nothing heavy
+
+        check(self, method=one_of(*METHODS), img_size=at_least(1), patch_size=at_least(1), depth=at_least(1),
+              epochs=at_least(1), steps=at_least(1), batch_size=at_least(1), precision=one_of("auto", "fp32", "bf16"),
+              store_size=at_least(1), mean=each(fraction(), length=3), std=each(above(0), length=3),
+              log_every=at_least(1), checkpoint_every=at_least(1))  # fmt: skip
+        if self.patch_size is not None and self.img_size % self.patch_size:
+            raise ConfigValueError("img_size", self.img_size, f"a multiple of patch_size {self.patch_size}")

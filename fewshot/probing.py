@@ -1,7 +1,10 @@
 """Fit a few-shot head on frozen features (``fewshot probe``) and apply it to new images (``fewshot predict``).
 
-A saved head is a folder: ``head.safetensors`` + ``head.json`` (head, hyperparameters, classes and the exact
-feature extraction it expects) + ``config.json``; ``predict`` rebuilds the same backbone and pooling from it.
+A saved head is a folder: ``head.safetensors`` + ``head.json`` (head, hyperparameters, classes, the exact feature
+extraction it expects and the backbone it was fitted on) + ``config.json``. The backbone is recorded as typed and
+resolved to an absolute path, with its weights' sha256: ``predict`` rebuilds that backbone from any working
+directory and refuses one whose weights have changed since (retrained, replaced), because the head's features
+would silently no longer match.
 """
 
 from __future__ import annotations
@@ -28,19 +31,28 @@ def probe(
 
     Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy.
     """
-    from sklearn.metrics import balanced_accuracy_score
+    from fewshot.backbones import absolute_spec
+    from fewshot.outputs import check_folder, folder_lock
 
-    from fewshot.evaluation import align_classes
+    cfg = cfg or Config()
+    out = check_folder(out)  # before any extraction
+    with folder_lock(out):
+        return _probe(train, out, test, cfg, absolute_spec(cfg.extract.backbone), progress)
+
+
+def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, spec: str, progress: bool) -> dict:
+    from fewshot.evaluation import align_classes, confusion_counts, scores
     from fewshot.features import extract_features
     from fewshot.heads import make_head
     from fewshot.heads.io import save_head
     from fewshot.sampling import sample_support
+    from fewshot.sources import no_labels_message
 
-    cfg = cfg or Config()
-    pcfg = cfg.probe
-    feats = extract_features(train, cfg.extract, progress=progress)
+    pcfg, typed = cfg.probe, cfg.extract.backbone
+    ecfg = dataclasses.replace(cfg.extract, backbone=spec)
+    feats = extract_features(train, ecfg, progress=progress)
     if not feats.classes:
-        raise FewshotError(f"'{train}' has no labels; probe needs an ImageFolder or a CSV with a label column")
+        raise FewshotError(no_labels_message(train))
     labelled = np.flatnonzero(feats.labels >= 0)
     if pcfg.shots is None:
         support = labelled
@@ -50,8 +62,8 @@ def probe(
     head.fit(feats.features[support], feats.labels[support])
     summary: dict[str, Any] = {
         "head": pcfg.head,
-        "backbone": cfg.extract.backbone,
-        "pool": cfg.extract.pool,
+        "backbone": typed,
+        "pool": feats.meta.get("pool", ecfg.pool),
         "classes": feats.classes,
         "shots": pcfg.shots,
         "support_size": len(support),
@@ -62,37 +74,64 @@ def probe(
     if hasattr(head, "C_"):
         summary["C"] = float(head.C_)
     if test is not None:
-        tfeats = align_classes(feats, extract_features(test, cfg.extract, progress=progress))
+        tfeats = align_classes(feats, extract_features(test, ecfg, progress=progress))
         pred = head.predict(tfeats.features)
-        summary["test"] = str(test)
-        summary["test_size"] = len(pred)
-        summary["accuracy"] = float(np.mean(pred == tfeats.labels))
-        summary["balanced_accuracy"] = float(balanced_accuracy_score(tfeats.labels, pred))
+        # balanced accuracy over the classes TEST holds (as evaluate reports it)
+        accuracy, balanced = scores(confusion_counts(tfeats.labels, pred, len(feats.classes)))
+        summary.update(test=str(test), test_size=len(pred), accuracy=accuracy, balanced_accuracy=balanced)
         summary["skipped_test"] = tfeats.skipped
-    out = Path(out)
-    info = {**summary, "extract": to_dict(cfg.extract), "weights_sha256": feats.meta.get("weights_sha256", "")}
+    info = {
+        **summary,
+        "extract": to_dict(ecfg),
+        "backbone_typed": typed,  # as the user wrote it; extract.backbone holds it resolved (absolute paths)
+        "weights_sha256": feats.meta.get("weights_sha256", ""),
+    }
     save_head(head, out, info)
     save_config(cfg, out / "config.json", command="probe", train=str(train), test=str(test) if test else None)
     return summary
 
 
 def predict(
-    images: str | Path, head_dir: str | Path, out: str | Path | None = None, progress: bool = True
+    images: str | Path,
+    head_dir: str | Path,
+    out: str | Path | None = None,
+    progress: bool = True,
+    allow_backbone_change: bool = False,
 ) -> dict[str, Any]:
     """Label every readable image in ``images`` with a saved head; write ``path,label,score`` CSV to ``out``.
 
-    Returns ``{"predictions": [{"path", "label", "score"}, ...], "skipped": [{"path", "reason"}, ...]}``.
+    The backbone is the one recorded in the head; if its weights changed since the head was fitted (the file was
+    retrained or replaced), this refuses unless ``allow_backbone_change``. Returns
+    ``{"predictions": [{"path", "label", "score"}, ...], "skipped": [{"path", "reason"}, ...]}``.
     """
+    from fewshot.backbones import load_backbone, spec_base
     from fewshot.features import extract_features
     from fewshot.heads.io import load_head
+    from fewshot.outputs import check_file, write_atomically
 
+    if out is not None:
+        out = check_file(out)  # before any extraction
     head, info = load_head(Path(head_dir))
     try:
         ecfg = dataclasses.replace(ExtractConfig(), **info["extract"])
-        classes = list(info["classes"])
+        classes, fitted_on = list(info["classes"]), str(info["weights_sha256"])
+        typed = str(info.get("backbone_typed", ecfg.backbone))
     except (KeyError, TypeError) as exc:
         raise FewshotError(f"'{head_dir}/head.json' lacks {exc}; re-create the head with fewshot probe") from None
-    feats = extract_features(images, ecfg, progress=progress)
+    recorded = Path(spec_base(ecfg.backbone))  # absolute when it is a file or a run folder
+    if recorded.is_absolute() and not recorded.exists():
+        raise FewshotError(
+            f"the head's backbone {recorded} (given as '{typed}' to probe) no longer exists; restore it, or re-run "
+            "`fewshot probe` with the backbone you have"
+        )
+    backbone = load_backbone(ecfg.backbone)
+    if backbone.weights_sha256 != fitted_on and not allow_backbone_change:
+        raise FewshotError(
+            f"the backbone '{typed}' has changed since the head was fitted (weights {backbone.weights_sha256[:16]}, "
+            f"the head expects {fitted_on[:16]}): its features no longer match the head. Re-run `fewshot probe` "
+            "on it, or pass --allow-backbone-change to predict anyway"
+        )
+    feats = extract_features(images, ecfg, progress=progress, backbone=backbone)
     proba = head.predict_proba(feats.features)  # (N, C)
     best = proba.argmax(axis=1)
     rows = [
@@ -100,10 +139,12 @@ def predict(
         for path, b, p in zip(feats.paths, best, proba, strict=True)
     ]
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "label", "score"])
-            writer.writeheader()
-            writer.writerows({**r, "score": f"{r['score']:.6f}"} for r in rows)
+        write_atomically(out, lambda tmp: _write_csv(tmp, rows))
     return {"predictions": rows, "skipped": feats.skipped}
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "score"])
+        writer.writeheader()
+        writer.writerows({**r, "score": f"{r['score']:.6f}"} for r in rows)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from fewshot.outputs import write_atomically
+
 GAP = 2  # white pixels between panels and rows
 
 
@@ -58,9 +60,5 @@ def write_reconstructions(model: Any, store: Tensor, path: Path, n: int = 8, see
     images = fixed_images(store, n, model.img_size).to(device)  # (n, 3, S, S) uint8
     generator = torch.Generator(device=device).manual_seed(seed)  # the same masks every epoch
     panels = model.reconstruct(images, generator)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    grid_image(*panels).save(tmp, format="PNG")
-    tmp.replace(path)  # never a half-written PNG
-    return path
+    grid = grid_image(*panels)
+    return write_atomically(path, lambda tmp: grid.save(tmp, format="PNG"))  # never a half-written PNG

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fewshot.outputs import write_atomically, write_text
+
 # Above this many classes the confusion matrix stays in report.json only: a wider markdown table is unreadable.
 MAX_MD_CONFUSION = 30
 
@@ -16,14 +18,30 @@ MAX_MD_CONFUSION = 30
 def write_report(report: dict, out: Path) -> None:
     """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.md", markdown(report))
     plot(report, out / "label_efficiency.png")
 
 
-def _pct(value: float, ci: float | None = None) -> str:
-    return f"{100 * value:.1f}" if ci is None else f"{100 * value:.1f} ± {100 * ci:.1f}"
+def interval(value: float, ci: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± half-width`` of a score in [0, 1], times ``scale``; an interval that spills outside [0, 1] (a
+    handful of seeds: with 2, t₀.₉₇₅ = 12.7) is shown clipped as ``mean (low–high)`` instead of an impossible ±."""
+    if ci is None:
+        return f"{scale * value:.{digits}f}"
+    if value - ci < 0 or value + ci > 1:
+        low, high = max(0.0, value - ci), min(1.0, value + ci)
+        return f"{scale * value:.{digits}f} ({scale * low:.{digits}f}–{scale * high:.{digits}f})"
+    return f"{scale * value:.{digits}f} ± {scale * ci:.{digits}f}"
+
+
+def few_seeds_note(seeds: int) -> str:
+    """A warning for evaluations whose intervals are too wide to conclude anything ('' from 3 seeds on)."""
+    if seeds >= 3:
+        return ""
+    if seeds == 2:
+        return "2 seeds give a 95% interval 12.7 standard errors wide: too few to conclude; use --seeds 5 or more"
+    return "1 seed gives no confidence interval; use --seeds 5 or more"
+
 
 
 def _cell(text: object) -> str:
@@ -46,7 +64,7 @@ def _score_table(report: dict, key: str) -> list[str]:
             cells = []
             for k in shots:
                 r = by.get((backbone, head, k))
-                cells.append(_pct(r[key], r[f"{key}_ci95"]) if r else "–")
+                cells.append(interval(r[key], r[f"{key}_ci95"]) if r else "–")
             rows.append([backbone, head, *cells])
     return _table(["backbone", "head", *(f"{k}-shot" for k in shots)], rows)
 
@@ -61,7 +79,8 @@ def markdown(report: dict) -> str:
         f"TEST: {report['test_images']} images, all scored in every episode.",
         f"Each cell: mean over {report['seeds']} seeded supports drawn from TRAIN (the same supports for every "
         "backbone and head) ± half-width of the 95% t-interval, in %.",
-        "",
+        *([f"**Warning:** {note}.", ""] if (note := few_seeds_note(report["seeds"])) else [""]),
+        *[f"**Warning:** {text}." for text in report.get("backbone_notes", {}).values()],
         "## Accuracy (%)",
         "",
         *_score_table(report, "accuracy"),
@@ -74,7 +93,7 @@ def markdown(report: dict) -> str:
     if report["full_knn"]:
         lines += ["## k-NN with every TRAIN label", ""]
         rows = [
-            [r["backbone"], str(r["labels"]), _pct(r["accuracy"]), _pct(r["balanced_accuracy"])]
+            [r["backbone"], str(r["labels"]), interval(r["accuracy"]), interval(r["balanced_accuracy"])]
             for r in report["full_knn"]
         ]
         lines += [*_table(["backbone", "labels", "accuracy (%)", "balanced accuracy (%)"], rows), ""]
@@ -83,8 +102,8 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Best configuration: {best['backbone']} + {best['head']}, {best['shots']}-shot",
             "",
-            f"Accuracy {_pct(best['accuracy'], best['accuracy_ci95'])} %, balanced accuracy "
-            f"{_pct(best['balanced_accuracy'], best['balanced_accuracy_ci95'])} % "
+            f"Accuracy {interval(best['accuracy'], best['accuracy_ci95'])} %, balanced accuracy "
+            f"{interval(best['balanced_accuracy'], best['balanced_accuracy_ci95'])} % "
             f"(highest mean accuracy at the largest shot count).",
             "",
             "### Per-class accuracy (%)",
@@ -95,7 +114,7 @@ def markdown(report: dict) -> str:
             [
                 name,
                 str(counts[i]),
-                "–" if best["per_class_accuracy"][name] is None else _pct(best["per_class_accuracy"][name]),
+                "–" if best["per_class_accuracy"][name] is None else interval(best["per_class_accuracy"][name]),
             ]
             for i, name in enumerate(classes)
         ]
@@ -172,4 +191,5 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title(f"Label efficiency: mean accuracy over {report['seeds']} seeds, 95% CI shaded")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a curve
-    fig.savefig(Path(path), format="png", bbox_inches="tight")  # grows the canvas to fit the outside legend
+    # bbox_inches="tight" grows the canvas to fit the outside legend
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))

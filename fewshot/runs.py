@@ -14,8 +14,9 @@
     RUN/tensorboard/               event files, when tensorboard is installed
 
 Files are written to a temporary name, fsynced and moved into place with ``os.replace`` (then the folder is
-fsynced), so a crash or power loss never leaves a half-written checkpoint under a final name, and the previous
-checkpoint is only pruned once the new one is complete. No pickle anywhere: safetensors and JSON only.
+fsynced: :func:`fewshot.outputs.write_atomically`), so a crash or power loss never leaves a half-written
+checkpoint under a final name, and the previous checkpoint is only pruned once the new one is complete. No pickle
+anywhere: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from fewshot.errors import FewshotError
+from fewshot.outputs import check_folder, folder_lock, save_tensors, write_atomically
 
 CHECKPOINT_FORMAT = "fewshot-checkpoint/1"
 KEEP_CHECKPOINTS = 2  # checkpoint-STEP files kept (PretrainConfig has no field for it)
@@ -65,38 +65,13 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return self.checkpoint.is_file() or bool(self.checkpoints())
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive, non-blocking ``flock`` on RUN/.lock for the block: one writer per run folder. The OS
-        drops the lock when the holder dies, so a crashed (even SIGKILLed) run never leaves the folder stuck."""
-        import fcntl
-
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                raise FewshotError(
-                    f"run folder {self.root} is in use by another fewshot pretrain (pid {holder}); "
-                    "wait for it or use another --out"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            for stale in self.root.glob("*.safetensors.tmp"):  # half-written by a killed run: only this writer now
-                stale.unlink(missing_ok=True)
-            try:
-                yield
-            finally:
-                # the file stays (unlinking it would let a third process lock a different inode)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """One writer per run folder (:func:`fewshot.outputs.folder_lock`); a crashed, even SIGKILLed, run never
+        leaves the folder stuck."""
+        return folder_lock(self.root, "run folder")
 
     def create(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise FewshotError(f"--out {self.root} is a file; pass a folder for the run")
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_folder(self.root)  # a file, under a file, not writable: one line, before any work
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a", encoding="utf-8") as fh:
@@ -124,37 +99,13 @@ def _step_of(line: str) -> int:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _commit(tmp, path)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to disk, rename it to ``path`` atomically, and flush the rename (the folder entry)."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. platforms that cannot open folders
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     # safetensors refuses shared or strided storage: give it contiguous copies
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _commit(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    save_tensors(path, tensors, metadata=metadata, durable=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
@@ -168,13 +119,7 @@ def save_run_checkpoint(
     step = int(state["step"])
     path = run.step_checkpoint(step)
     save_checkpoint(path, model, optimizer, state)
-    tmp = run.checkpoint.with_name(run.checkpoint.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)  # same bytes, no extra disk
-    except OSError:  # file systems without hard links
-        shutil.copyfile(path, tmp)
-    _commit(tmp, run.checkpoint)
+    write_atomically(run.checkpoint, lambda tmp: _link_or_copy(path, tmp), durable=True)
     found = run.checkpoints()
     # steps after this one belong to a timeline the resume discarded (e.g. after a damaged newest checkpoint)
     keep = {s for s, _ in found if s <= step}
@@ -182,6 +127,13 @@ def save_run_checkpoint(
     for old_step, old in found:
         if old_step not in keep:
             old.unlink(missing_ok=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # same bytes, no extra disk
+    except OSError:  # file systems without hard links
+        shutil.copyfile(source, target)
 
 
 def load_run_checkpoint(

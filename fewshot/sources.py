@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from fewshot.errors import FewshotError
 from fewshot.images import UnreadableImage, is_image_name, load_rgb
 
 UNLABELED = -1
+log = logging.getLogger(__name__)
 _PREFIXES = ("folder", "imagefolder", "csv", "hf", "hf-disk")
 
 
@@ -91,6 +93,7 @@ def open_source(spec: str | Path, require_labels: bool = False) -> ImageSet:
                 f"data source '{spec}' does not exist; pass a folder of images, an ImageFolder, a CSV manifest "
                 "(path,label) or hf:owner/name"
             )
+        prefixed = bool(kind)
         kind = kind or _detect(path)
         if kind == "csv":
             images = _from_csv(path)
@@ -102,12 +105,13 @@ def open_source(spec: str | Path, require_labels: bool = False) -> ImageSet:
             images = _from_imagefolder(path)
         else:
             images = _from_folder(path)
+            hint = "" if prefixed or require_labels else unlabelled_hint(path)
+            if hint:  # labels were perhaps meant: say so, without stopping commands that need none
+                log.warning(f"{hint} (or folder:{path} to read it unlabelled without this warning)")
     if not images.records:
         raise FewshotError(f"no readable images in '{spec}' ({_skip_summary(images.skipped)}); point at your images")
     if require_labels and not images.labeled:
-        raise FewshotError(
-            f"'{spec}' has no labels; use an ImageFolder (one subfolder per class) or a CSV with a label column"
-        )
+        raise FewshotError(no_labels_message(spec))
     return images
 
 
@@ -140,9 +144,57 @@ def _detect(path: Path) -> str:
     if (path / "metadata.csv").is_file() or (path / "metadata.jsonl").is_file():
         return "hf-imagefolder"
     entries = [e for e in _scandir(path) if not e.name.startswith(".")]
-    if any(e.is_file() and is_image_name(e.name) for e in entries):
+    if any(is_image_name(e.name) and _is_file(e) for e in entries):
         return "folder"
     return "imagefolder" if any(e.is_dir() for e in entries) else "folder"
+
+
+def no_labels_message(spec: str | Path) -> str:
+    """The one-line error for a source that has no labels where labels are needed."""
+    hint = unlabelled_hint(spec)
+    return f"'{spec}' has no labels; " + (
+        hint or "use an ImageFolder (one subfolder per class) or a CSV with a label column"
+    )
+
+
+def unlabelled_hint(spec: str | Path) -> str:
+    """Why a folder meant as an ImageFolder read as unlabelled: images beside its class subfolders ('' if not).
+
+    A folder with images at its top level is a plain (recursive, unlabelled) folder; one stray image at the root
+    of an ImageFolder therefore drops every label, and this names the strays and the two ways out.
+    """
+    kind, target, _ = _parse(str(spec))
+    path = Path(target).expanduser()
+    if kind or not path.is_dir():
+        return ""
+    entries = [e for e in _scandir(path) if not e.name.startswith(".")]
+    strays = [e.name for e in entries if is_image_name(e.name) and _is_file(e)]
+    # real subfolders only: a symlinked one may point back up the tree (walks never follow them either)
+    classes = [e.name for e in entries if e.is_dir(follow_symlinks=False) and _holds_images(Path(e.path))]
+    if not (strays and classes):
+        return ""
+    shown = ", ".join(strays[:3]) + (", ..." if len(strays) > 3 else "")
+    return (
+        f"'{path}' has class subfolders ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}) but also "
+        f"{len(strays)} image(s) beside them ({shown}), so it was read as one unlabelled folder: move those images "
+        f"into a class folder, or pass imagefolder:{path} to take the labels and skip them"
+    )
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop: listed as a skip when the folder is read
+        return False
+
+
+def _holds_images(folder: Path) -> bool:
+    """True at the first image file found under ``folder`` (hidden entries ignored)."""
+    for _, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") and is_image_name(f) for f in filenames):
+            return True
+    return False
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:
@@ -198,7 +250,7 @@ def _from_folder(root: Path) -> ImageSet:
     skipped: list[dict[str, str]] = []
     files = _walk(root, skipped)
     records = [Record(name=str(f.relative_to(root)), file=f) for f in files]
-    return ImageSet(str(root), records, [], skipped, _fingerprint_files(records))
+    return ImageSet(str(root), records, [], skipped, _fingerprint(records, [], skipped))
 
 
 def _from_imagefolder(root: Path) -> ImageSet:
@@ -222,7 +274,7 @@ def _from_imagefolder(root: Path) -> ImageSet:
     records: list[Record] = []
     for label, name in enumerate(classes):
         records += [Record(str(f.relative_to(root)), label, f) for f in per_class[name]]
-    return ImageSet(str(root), records, classes, skipped, _fingerprint_files(records))
+    return ImageSet(str(root), records, classes, skipped, _fingerprint(records, classes, skipped))
 
 
 def _from_csv(path: Path) -> ImageSet:
@@ -241,6 +293,8 @@ def _from_csv(path: Path) -> ImageSet:
     base = path.parent
     skipped: list[dict[str, str]] = []
     kept: list[tuple[Path, str, str]] = []
+    seen: dict[Path, int] = {}  # file -> the line that listed it first
+    blank: list[int] = []  # lines with an empty label
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         rel = row.get("path", "")
@@ -248,27 +302,38 @@ def _from_csv(path: Path) -> ImageSet:
             skipped.append({"path": f"{path.name}:{line}", "reason": "empty path"})
             continue
         file = base / rel
+        key = Path(os.path.normpath(file))
+        if key in seen:  # the same image twice would count twice as a shot, or in TEST
+            skipped.append({"path": rel, "reason": f"listed again on line {line} (first on line {seen[key]}; ignored)"})
+            continue
+        seen[key] = line
         reason = _file_problem(file, file.name) if file.exists() or file.is_symlink() else "file not found"
         if reason:
             skipped.append({"path": rel, "reason": reason})
         else:
             kept.append((file, rel, row.get("label", "")))
+            blank += [line] if not row.get("label") else []
     labels = [lab for _, _, lab in kept]
+    if blank and len(blank) < len(kept):
+        shown = ", ".join(map(str, blank[:8])) + (", ..." if len(blank) > 8 else "")
+        raise FewshotError(
+            f"CSV manifest '{path}' labels some images but leaves {len(blank)} blank (line(s) {shown}); give every "
+            "row a label, or list unlabeled images in a manifest of their own"
+        )
     classes = natural_sorted({lab for lab in labels if lab})
     index = {c: i for i, c in enumerate(classes)}
     records = [Record(rel, index[lab] if lab else UNLABELED, file) for file, rel, lab in kept]
-    return ImageSet(str(path), records, classes, skipped, _fingerprint_files(records))
+    return ImageSet(str(path), records, classes, skipped, _fingerprint(records, classes, skipped))
 
 
-def _fingerprint_files(records: Iterable[Record]) -> str:
-    h = hashlib.sha256()
+def _fingerprint(records: Iterable[Record], classes: list[str], skipped: list[dict[str, str]]) -> str:
+    """What defines a source's features: each file's identity and content stamp (name, inode, size, mtime), its
+    label *text* (class names, not only their indices) and the skipped-file list. Any change is a cache miss."""
+    h = hashlib.sha256(json.dumps([classes, skipped], ensure_ascii=False).encode("utf-8", "surrogateescape"))
     for rec in records:
         st = rec.file.stat() if rec.file is not None else None
-        h.update(
-            f"{rec.name}\0{rec.label}\0{st.st_size if st else 0}\0{st.st_mtime_ns if st else 0}\n".encode(
-                "utf-8", "surrogateescape"
-            )
-        )
+        stamp = f"{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}" if st else "\0\0"
+        h.update(f"\n{rec.name}\0{rec.label}\0{stamp}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -337,7 +402,7 @@ def _from_dataset(ds: Any, source: str) -> ImageSet:
     records = [
         Record(f"{split}[{i}]", UNLABELED if lab is None or lab < 0 else int(lab), None, i) for i, lab in enumerate(raw)
     ]
-    fingerprint = hashlib.sha256(f"{ds._fingerprint}\0{label_col}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([ds._fingerprint, label_col, classes]).encode()).hexdigest()
     return ImageSet(source, records, classes, [], fingerprint, ds, image_col)
 
 

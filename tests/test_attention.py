@@ -134,10 +134,12 @@ def test_run_attention_writes_grids_sheet_pca_and_maps(masked_set: Path, tmp_pat
 def test_shapes_follow_image_size_and_patch_size(masked_set: Path, tmp_path: Path) -> None:
     backbone = load_backbone(TINY_VIT)
     pos_before = backbone.model.pos_embed.detach().clone()
+    with pytest.raises(FewshotError, match="not a whole number of 8x8 patches; use e.g. --img-size 48x32"):
+        run_attention(masked_set / "images", backbone, tmp_path / "a", img_size="50x36")  # never silently 48x32
     summary = run_attention(
-        masked_set / "images", backbone, tmp_path / "a", img_size="50x36", pca=False, save_maps=True
+        masked_set / "images", backbone, tmp_path / "a", img_size="48x32", pca=False, save_maps=True
     )
-    assert summary["input_size"] == [48, 32] and summary["grid"] == [6, 4]  # rounded down to whole 8px patches
+    assert summary["input_size"] == [48, 32] and summary["grid"] == [6, 4]
     from safetensors.numpy import load_file
 
     assert load_file(summary["maps"][0])["heads"].shape == (3, 6, 4)

@@ -112,7 +112,7 @@ def test_missing_keys_are_reported(tmp_path: Path) -> None:
     state["extra.thing"] = torch.zeros(1)
     torch.save(state, tmp_path / "w.pt")
     report = load_backbone(f"{tmp_path / 'w.pt'}:arch={ARCH},img_size=32,patch_size=8,depth=2").load_report
-    assert "1 missing (norm.weight)" in report and "1 unexpected (extra.thing)" in report
+    assert "1 missing (norm.weight;" in report and "1 unexpected (extra.thing;" in report
 
 
 def test_weights_without_architecture(tmp_path: Path) -> None:

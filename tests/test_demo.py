@@ -86,7 +86,7 @@ def test_no_pretrain_compares_the_baselines_only(tmp_path: Path) -> None:
 
 
 def test_bad_settings_fail_in_one_line_before_pretraining(tmp_path: Path) -> None:
-    for args, words in ((["--set", "evaluate.heads=nope"], "nope"), (["--steps", "0"], "--no-pretrain")):
+    for args, words in ((["--set", "evaluate.heads=nope"], "nope"), (["--steps", "0"], "--steps must be ≥ 1, got 0")):
         code, out = run("demo", "--out", tmp_path, *args, "-q")
         assert code == 2 and out.strip().startswith("error:") and words in out and "Traceback" not in out, out
     assert not (tmp_path / "runs").exists()

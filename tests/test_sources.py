@@ -69,8 +69,56 @@ def test_csv_manifest_paths_relative_to_csv(tmp_path: Path) -> None:
     )
     images = open_source(tmp_path / "m.csv")
     assert images.classes == ["3", "12"]
-    assert [(r.name, r.label) for r in images.records] == [("imgs/a.png", 0), ("imgs/b.png", 1), ("imgs/a.png", -1)]
-    assert images.skipped == [{"path": "imgs/gone.png", "reason": "file not found"}]
+    assert [(r.name, r.label) for r in images.records] == [("imgs/a.png", 0), ("imgs/b.png", 1)]
+    assert images.skipped == [
+        {"path": "imgs/gone.png", "reason": "file not found"},
+        {"path": "imgs/a.png", "reason": "listed again on line 5 (first on line 2; ignored)"},
+    ]
+
+
+def test_csv_duplicates_count_once_even_when_spelled_differently(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        img(tmp_path / "imgs" / f"{name}.png")
+    rows = "imgs/a.png,hat\nimgs/b.png,cap\n" * 2 + "imgs/../imgs/a.png,hat\n"
+    (tmp_path / "m.csv").write_text("path,label\n" + rows)
+    images = open_source(tmp_path / "m.csv")
+    assert [r.name for r in images.records] == ["imgs/a.png", "imgs/b.png"]  # 2 shots, not 5
+    assert len(images.skipped) == 3 and all("listed again" in s["reason"] for s in images.skipped)
+
+
+def test_csv_blank_labels_in_a_labelled_manifest_are_an_error_naming_the_lines(tmp_path: Path) -> None:
+    for name in "abcd":
+        img(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text("path,label\na.png,hat\nb.png,\nc.png,cap\nd.png, \n")
+    with pytest.raises(FewshotError, match=r"leaves 2 blank \(line\(s\) 3, 5\)"):
+        open_source(tmp_path / "m.csv")
+    (tmp_path / "u.csv").write_text("path,label\na.png,\nb.png,\n")  # no label anywhere: an unlabelled manifest
+    assert not open_source(tmp_path / "u.csv").labeled
+
+
+def test_relabelled_manifest_changes_the_fingerprint(tmp_path: Path) -> None:
+    for name in "ab":
+        img(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text("path,label\na.png,hat\nb.png,shoe\n")
+    (tmp_path / "r.csv").write_text("path,label\na.png,headwear\nb.png,shoe\n")  # same order of classes
+    before, after = open_source(tmp_path / "m.csv"), open_source(tmp_path / "r.csv")
+    assert [r.label for r in before.records] == [r.label for r in after.records]
+    assert before.fingerprint != after.fingerprint
+
+
+def test_stray_images_beside_class_folders_are_named_when_labels_are_needed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for cls in ("cat", "dog"):
+        img(tmp_path / "mixed" / cls / "1.png")
+    img(tmp_path / "mixed" / "stray.png")
+    assert not open_source(tmp_path / "mixed").labeled  # a folder with top-level images is an unlabelled folder
+    assert "stray.png" in caplog.text and "folder:" in caplog.text  # ... with a warning where labels may be meant
+    caplog.clear()
+    assert not open_source(f"folder:{tmp_path / 'mixed'}").labeled and not caplog.text  # said so: no warning
+    with pytest.raises(FewshotError, match=r"class subfolders \(cat, dog\) but also 1 image\(s\) beside them \(stray"):
+        open_source(tmp_path / "mixed", require_labels=True)
+    assert open_source(f"imagefolder:{tmp_path / 'mixed'}").classes == ["cat", "dog"]
 
 
 def test_csv_without_path_column(tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fewshot.errors import FewshotError
+from fewshot.outputs import save_tensors, write_text
 
 FORMAT = "fewshot-head"
-VERSION = 1
+VERSION = 2  # 2: info records the backbone resolved to an absolute path and its weights hash
 WEIGHTS_FILE = "head.safetensors"
 META_FILE = "head.json"
 
@@ -63,8 +64,6 @@ class Head(ClassifierMixin, BaseEstimator):
 
 def save_head(head: Head, directory: Path, info: Mapping[str, Any]) -> None:
     """Write ``head.safetensors`` (learned arrays) and ``head.json`` (name, hyperparameters, scalars, ``info``)."""
-    from safetensors.numpy import save_file
-
     check_is_fitted(head)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,8 +82,8 @@ def save_head(head: Head, directory: Path, info: Mapping[str, Any]) -> None:
         text = json.dumps(meta, indent=2) + "\n"
     except TypeError as exc:
         raise FewshotError(f"head info is not JSON-serialisable ({exc}); pass plain str/int/float/list/dict") from None
-    save_file(arrays, str(directory / WEIGHTS_FILE))
-    (directory / META_FILE).write_text(text, encoding="utf-8")
+    save_tensors(directory / WEIGHTS_FILE, arrays)
+    write_text(directory / META_FILE, text)
 
 
 def load_head(directory: Path) -> tuple[Head, dict[str, Any]]:

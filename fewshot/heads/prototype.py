@@ -1,25 +1,23 @@
 """Nearest class mean of L2-normalised features (prototypical networks, Snell et al. 2017; SimpleShot, Wang et al.
-2019). The class means of the L2-normalised support come from sklearn's ``Pipeline(Normalizer(),
-NearestCentroid())``.
+2019): the mean of each class's L2-normalised support features.
 
 Choice: the class means are re-normalised to unit length, so the prediction is the class whose mean *direction*
 has the highest cosine similarity with the feature, and ``predict`` is the argmax of ``predict_proba`` =
 softmax(cos / temperature), one formula for both. Without re-normalising (NearestCentroid's own Euclidean rule,
 as SimpleShot), a class whose support is spread out (shorter mean vector) is penalised for its spread rather
-than judged by its direction; cosine to the unit mean is also what the scores report.
+than judged by its direction; cosine to the unit mean is also what the scores report. The means are plain numpy:
+sklearn's NearestCentroid would add a within-class variance estimate this head never uses, which fails on
+supports where every feature is constant (e.g. one repeated image).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 import numpy as np
 from scipy.special import softmax
-from sklearn.neighbors import NearestCentroid
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, normalize
+from sklearn.preprocessing import normalize
 
 from fewshot.heads.io import Head
 
@@ -34,12 +32,9 @@ class PrototypeHead(Head):
 
     def fit(self, X: Any, y: Any) -> Self:
         X, y = self._validate_fit(X, y)
-        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-            # NearestCentroid also estimates a within-class spread (unused here): a 0/0 with one shot per class,
-            # and a warning when a feature is constant within a class (e.g. a blank image border in pixels).
-            warnings.simplefilter("ignore", UserWarning)
-            means = Pipeline([("normalize", Normalizer()), ("centroid", NearestCentroid())]).fit(X, y)[-1].centroids_
-        self.centroids_ = normalize(means)  # (C, D) unit class means, rows ordered as classes_
+        unit = normalize(X)  # (N, D)
+        means = np.stack([unit[y == c].mean(axis=0) for c in self.classes_])  # (C, D), rows ordered as classes_
+        self.centroids_ = normalize(means)  # unit class means
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:

@@ -133,6 +133,12 @@ def create_vit(cfg: Any, drop_path_rate: float = 0.0) -> tuple[nn.Module, dict[s
             model = timm.create_model(cfg.model, pretrained=False, **extra, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs} ({exc}); check --img-size etc.") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and cfg.img_size % int(patch[0]):
+        raise FewshotError(
+            f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {int(patch[0])}; "
+            f"use e.g. --img-size {max(1, round(cfg.img_size / int(patch[0]))) * int(patch[0])} or set --patch-size"
+        )
     return model, kwargs
 
 

@@ -177,14 +177,6 @@ class MAE(Method):
 
         m = self.mae_cfg = cfg.mae
         self.plan = plan
-        if not 0 < m.mask_ratio < 1:
-            raise FewshotError(f"mae.mask_ratio must be in (0, 1), got {m.mask_ratio}; the paper uses 0.75")
-        if len(m.crop_scale) != 2 or not 0 < m.crop_scale[0] <= m.crop_scale[1] <= 1:
-            raise FewshotError(f"mae.crop_scale must be (min, max) with 0 < min ≤ max ≤ 1, got {m.crop_scale}")
-        if m.decoder_dim % m.decoder_heads or m.decoder_dim % 4:
-            raise FewshotError(
-                f"mae.decoder_dim {m.decoder_dim} must be divisible by 4 and by mae.decoder_heads {m.decoder_heads}"
-            )
         encoder, self.model_kwargs = create_vit(cfg, drop_path_rate=m.drop_path_rate)
         if not isinstance(encoder, VisionTransformer):
             raise FewshotError(f"MAE needs a plain timm ViT (e.g. vit_base_patch16_224), not '{cfg.model}'")
