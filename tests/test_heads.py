@@ -208,3 +208,15 @@ def test_load_head_bad_files_are_one_line_errors(tmp_path) -> None:
     (tmp_path / "head.json").write_text("{", encoding="utf-8")
     with pytest.raises(FewshotError, match="not valid JSON"):
         load_head(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["knn", "logreg", "prototype", "linear"])
+def test_each_head_defaults_to_its_config_section(name: str) -> None:
+    """One home for defaults: a head built without arguments has exactly its config section's values."""
+    import dataclasses
+
+    params = HEADS[name]().get_params()
+    params.pop("random_state", None)  # the episode's seed, not a config value
+    assert params == dataclasses.asdict(getattr(HeadsConfig(), name))
+    with pytest.raises(TypeError):  # keyword-only: a positional value cannot land on the wrong hyperparameter
+        HEADS[name](1)

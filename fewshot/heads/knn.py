@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
+from fewshot.config import KNNConfig
 from fewshot.heads.io import Head
 
 
@@ -29,7 +30,7 @@ class KNNHead(Head):
 
     name: ClassVar[str] = "knn"
 
-    def __init__(self, k: int = 20, temperature: float = 0.07) -> None:
+    def __init__(self, *, k: int = KNNConfig.k, temperature: float = KNNConfig.temperature) -> None:
         self.k = k
         self.temperature = temperature
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot.config import LinearConfig
 from fewshot.errors import FewshotError
 from fewshot.heads.io import Head
 
@@ -62,11 +63,12 @@ class LinearHead(Head):
 
     def __init__(
         self,
-        epochs: int = 100,
-        lr: float = 0.1,
-        batch_size: int = 256,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        *,
+        epochs: int = LinearConfig.epochs,
+        lr: float = LinearConfig.lr,
+        batch_size: int = LinearConfig.batch_size,
+        momentum: float = LinearConfig.momentum,
+        weight_decay: float = LinearConfig.weight_decay,
         random_state: int = 0,
     ) -> None:
         self.epochs = epochs

@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
 from threadpoolctl import threadpool_limits
 
+from fewshot.config import LogRegConfig
 from fewshot.errors import FewshotError
 from fewshot.heads.io import Head
 
@@ -38,10 +39,11 @@ class LogRegHead(Head):
 
     def __init__(
         self,
-        c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
-        one_shot_c: float = 10.0,
-        cv_folds: int = 5,
-        max_iter: int = 1000,
+        *,
+        c_grid: tuple[float, ...] = LogRegConfig.c_grid,
+        one_shot_c: float = LogRegConfig.one_shot_c,
+        cv_folds: int = LogRegConfig.cv_folds,
+        max_iter: int = LogRegConfig.max_iter,
     ) -> None:
         self.c_grid = c_grid
         self.one_shot_c = one_shot_c

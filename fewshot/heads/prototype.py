@@ -19,6 +19,7 @@ import numpy as np
 from scipy.special import softmax
 from sklearn.preprocessing import normalize
 
+from fewshot.config import PrototypeConfig
 from fewshot.heads.io import Head
 
 
@@ -27,7 +28,7 @@ class PrototypeHead(Head):
 
     name: ClassVar[str] = "prototype"
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, *, temperature: float = PrototypeConfig.temperature) -> None:
         self.temperature = temperature
 
     def fit(self, X: Any, y: Any) -> Self:
