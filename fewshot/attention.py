@@ -25,13 +25,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fewshot.errors import FewshotError
-from fewshot.outputs import save_tensors, write_text
+
+if TYPE_CHECKING:
+    from fewshot.backbones import Backbone
 
 
 @dataclass
@@ -174,189 +175,83 @@ def sized_model(model: Any, size: tuple[int, int]) -> Any:
     return resized
 
 
-def slug(name: str, taken: set[str]) -> str:
-    """A file-name-safe, unique stem for an image record name ('a/b.jpg' -> 'a__b')."""
-    base = re.sub(r"[^\w.\-]+", "_", str(Path(name).with_suffix("")).replace("/", "__").replace("\\", "__"))
-    out, i = base or "image", 1
-    while out in taken:
-        out, i = f"{base}_{i}", i + 1
-    taken.add(out)
-    return out
+# ---------------------------------------------------------------------------------------------- running
 
 
-# ---------------------------------------------------------------------------------------------- entry point
+@dataclass
+class ImageAttention:
+    """One image's result: its name, the image as the model saw it, its maps and (for PCA) its patch tokens."""
+
+    name: str
+    image: Any  # PIL image resized to the input size
+    maps: AttentionMaps
+    patch_tokens: np.ndarray  # (gh, gw, D)
 
 
-def run_attention(
-    images: str | Path,
-    backbone: Any,
-    out: str | Path,
-    block: int | None = None,
-    threshold: float = 0.6,
-    save_maps: bool = False,
-    masks: str | Path | None = None,
-    pca: bool = True,
-    progress: bool = True,
-    img_size: int | str | tuple[int, int] | None = None,
-    device: str = "auto",
-    batch_size: int = 16,
-    cfg: Any = None,
-) -> dict[str, Any]:
-    """Python twin of ``fewshot attention``: maps, masks, grids, contact sheet, PCA maps and Jaccard under ``out``.
+@dataclass
+class AttentionRunner:
+    """A backbone prepared to read one block's class-token attention at one input size."""
 
-    ``images`` is any data source (see :func:`fewshot.sources.open_source`); ``backbone`` a spec string or a
-    :class:`fewshot.backbones.Backbone`; ``masks`` a folder of ground-truth masks named like the images (adds
-    Jaccard figures, also written to ``jaccard.json``); ``cfg`` (a resolved config) is saved as ``config.json``.
-    Returns the summary written to ``attention.json``.
-    """
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
+    model: Any  # the timm ViT, resized to ``size`` when needed, on its device
+    block: int
+    size: tuple[int, int]  # (H, W), whole patches
+    patch: tuple[int, int]
+    grid: tuple[int, int]
+    n_prefix: int
+    mean: Any  # (3, 1, 1) normalisation of the backbone's eval transform
+    std: Any
+    resample: Any  # PIL resampling filter of that transform
 
-    from fewshot import attention_plots as plots
-    from fewshot.backbones import load_backbone
-    from fewshot.features import pick_device
-    from fewshot.images import UnreadableImage
-    from fewshot.mask_quality import jaccard_report, mask_index
-    from fewshot.outputs import check_folder, folder_lock
-    from fewshot.sources import open_source
+    @classmethod
+    def prepare(cls, backbone: Backbone, block: int | None, img_size: int | str | None, device: Any) -> AttentionRunner:
+        """Check the backbone can give attention maps (one line otherwise) and size it for ``img_size``."""
+        import torch
+        from PIL import Image
 
-    if not 0.0 < threshold <= 1.0:
-        raise FewshotError(f"threshold {threshold} is not a fraction of the attention mass; use 0 < x <= 1, e.g. 0.6")
-    out = check_folder(out)  # before any image is read
-    with folder_lock(out):
-        source = open_source(images)
-        bb = load_backbone(backbone) if isinstance(backbone, str) else backbone
-        _, block_index = attention_block(bb.model, block)
-        size = input_size(bb.model, img_size)
-        dev = pick_device(device)
-        model = sized_model(bb.model, size).to(dev)
-        ph, pw = (int(p) for p in model.patch_embed.patch_size)
-        patch = (ph, pw)
-        grid = (size[0] // patch[0], size[1] // patch[1])
-        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-        desc = json.loads(bb.transform_desc)
+        _, index = attention_block(backbone.model, block)
+        size = input_size(backbone.model, img_size)
+        model = sized_model(backbone.model, size).to(device)
+        patch = (int(model.patch_embed.patch_size[0]), int(model.patch_embed.patch_size[1]))
+        desc = json.loads(backbone.transform_desc)
         mean, std = (torch.tensor(desc[k], dtype=torch.float32).view(3, 1, 1) for k in ("mean", "std"))
         interpolation = str(desc.get("interpolation", "bicubic")).upper()
         resample = getattr(Image.Resampling, interpolation, Image.Resampling.BICUBIC)
-        index = mask_index(Path(masks)) if masks is not None else None
+        grid = (size[0] // patch[0], size[1] // patch[1])
+        return cls(model, index, size, patch, grid, int(getattr(model, "num_prefix_tokens", 1)), mean, std, resample)
 
-        for sub in ("grids", *(("maps",) if save_maps else ()), *(("pca",) if pca else ())):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        skipped, taken = list(source.skipped), set[str]()
-        rows: list[dict[str, Any]] = []
-        cells: list[plots.Cell] = []
-        patch_features: list[np.ndarray] = []
-        pending: list[tuple[str, Any]] = []  # (record name, display image) of the batch being filled
+    def run(
+        self, source: Any, threshold: float, batch_size: int, skipped: list[dict[str, str]], progress: bool = True
+    ) -> Iterator[ImageAttention]:
+        """Each readable image of ``source``'s maps, in order, ``batch_size`` images per forward pass; unreadable
+        images are appended to ``skipped``."""
+        from tqdm.auto import tqdm
 
-        def flush() -> None:
-            x = torch.stack([_to_tensor(img, mean, std) for _, img in pending]).to(dev)  # (B, 3, H, W)
-            attn, tokens = class_attention(model, x, block_index)  # (B, heads, N), (B, N, D)
-            if pca:
-                patch_features.append(tokens[:, n_prefix:].float().cpu().numpy().reshape(len(pending), *grid, -1))
-            for (name, img), row in zip(pending, attn.numpy(), strict=True):
-                rows.append(_one_image(name, img, attention_maps(row, n_prefix, grid, threshold), out, taken, cells))
-            pending.clear()
+        from fewshot.images import UnreadableImage
 
-        bar = tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False)
-        for i, rec in enumerate(source.records):
-            try:
-                pending.append((rec.name, source.load(i).resize((size[1], size[0]), resample)))
-            except UnreadableImage as exc:
-                skipped.append({"path": rec.name, "reason": str(exc)})
-            if len(pending) >= batch_size or (i == len(source) - 1 and pending):
-                flush()
-            bar.update(1)
-        bar.close()
-        if not rows:
-            raise FewshotError(f"no readable images in '{images}' ({len(skipped)} skipped); point at your images")
+        pending: list[tuple[str, Any]] = []  # (record name, image at the input size)
+        with tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False) as bar:
+            for i, rec in enumerate(source.records):
+                try:
+                    pending.append((rec.name, source.load(i).resize((self.size[1], self.size[0]), self.resample)))
+                except UnreadableImage as exc:
+                    skipped.append({"path": rec.name, "reason": str(exc)})
+                if len(pending) >= batch_size or (i == len(source) - 1 and pending):
+                    yield from self._batch(pending, threshold)
+                    pending = []
+                bar.update(1)
 
-        meta = {
-            "backbone": bb.spec,
-            "architecture": bb.architecture,
-            "weights_sha256": bb.weights_sha256,
-            "block": block_index,
-            "depth": len(model.blocks),
-            "heads": int(rows[0]["maps"].heads.shape[0]),
-            "prefix_tokens": n_prefix,
-            "patch_size": list(patch),
-            "input_size": list(size),
-            "grid": list(grid),
-            "threshold": threshold,
-        }
-        jac = jaccard_report(rows, index, size, patch, out) if index is not None else None
-        for cell, row in zip(cells, rows, strict=True):
-            if jac is not None and row["name"] in jac["per_image"]:
-                cell.caption += f"  J={jac['per_image'][row['name']]['mean_map']:.2f}"
-        sheets = plots.save_contact_sheets(cells, out / "contact_sheet.png")
-        pca_files: list[str] = []
-        if pca:
-            from fewshot.pca_maps import pca_feature_maps
+    def _batch(self, pending: list[tuple[str, Any]], threshold: float) -> Iterator[ImageAttention]:
+        import torch
 
-            result = pca_feature_maps(np.concatenate(patch_features))  # (N, gh, gw, D) patches of every image
-            pca_files = plots.save_pca(result, [c.image for c in cells], [r["slug"] for r in rows], out / "pca")
-            meta["pca_explained_variance"] = result.explained_variance_ratio
-        if save_maps:
-            _save_maps(rows, meta, out / "maps")
-        summary: dict[str, Any] = {
-            **meta,
-            "images": len(rows),
-            "out": str(out),
-            "grids": [str(out / "grids" / f"{r['slug']}.png") for r in rows],
-            "contact_sheets": [str(p) for p in sheets],
-            "pca": pca_files,
-            "maps": [str(out / "maps" / f"{r['slug']}.safetensors") for r in rows] if save_maps else [],
-            "prefix_mass": float(np.mean([r["maps"].prefix_mass.mean() for r in rows])),
-            "skipped": skipped,
-        }
-        if jac is not None:
-            summary["jaccard"] = {**jac, "report": str(out / "jaccard.json")}
-        write_json(out / "attention.json", summary)
-        if cfg is not None:
-            from fewshot.config import save_config
+        device = next(self.model.parameters()).device
+        x = torch.stack([self._tensor(img) for _, img in pending]).to(device)  # (B, 3, H, W)
+        attn, tokens = class_attention(self.model, x, self.block)  # (B, heads, N), (B, N, D)
+        patches = tokens[:, self.n_prefix :].float().cpu().numpy().reshape(len(pending), *self.grid, -1)
+        for (name, img), row, own in zip(pending, attn.numpy(), patches, strict=True):
+            yield ImageAttention(name, img, attention_maps(row, self.n_prefix, self.grid, threshold), own)
 
-            save_config(cfg, out / "config.json", data=str(images), attention={k: summary[k] for k in meta})
-        return summary
+    def _tensor(self, img: Any) -> Any:
+        import torch
 
-
-def _to_tensor(img: Any, mean: Any, std: Any) -> Any:
-    import torch
-
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
-    return (x - mean) / std
-
-
-def _one_image(
-    name: str, img: Any, maps: AttentionMaps, out: Path, taken: set[str], cells: list[Any]
-) -> dict[str, Any]:
-    """Write the image's grid PNG; keep a thumbnail cell for the contact sheet."""
-    from fewshot import attention_plots as plots
-
-    stem = slug(name, taken)
-    plots.attention_grid(img, maps).save(out / "grids" / f"{stem}.png")
-    cells.append(plots.Cell(name, plots.thumbnail(img), maps.mean, maps.mean_mask, name))
-    return {"name": name, "slug": stem, "maps": maps}
-
-
-def _save_maps(rows: list[dict[str, Any]], meta: dict[str, Any], folder: Path) -> None:
-    """Raw patch-grid maps per image as safetensors (+ index.json): heads, mean, masks, prefix mass."""
-    strings = {k: json.dumps(v) for k, v in meta.items()}
-    for row in rows:
-        m: AttentionMaps = row["maps"]
-        tensors = {
-            "heads": m.heads,  # (h, gh, gw) float32
-            "mean": m.mean,  # (gh, gw)
-            "prefix_mass": m.prefix_mass,  # (h,)
-            "masks": m.masks.astype(np.uint8),  # (h, gh, gw)
-            "mean_mask": m.mean_mask.astype(np.uint8),
-            "union_mask": m.union_mask.astype(np.uint8),
-        }
-        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        save_tensors(folder / f"{row['slug']}.safetensors", tensors, metadata={**strings, "name": row["name"]})
-    index = {"files": {f"{r['slug']}.safetensors": r["name"] for r in rows}, **meta}
-    index["tensors"] = "heads (h,gh,gw) float32, mean (gh,gw), prefix_mass (h,), masks/mean_mask/union_mask uint8"
-    write_json(folder / "index.json", index)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_text(path, json.dumps(payload, indent=2) + "\n")
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+        return (x - self.mean) / self.std

@@ -332,8 +332,9 @@ def attention(
         int | None, typer.Option("--block", help="Block to read, 0-based (negative: from the end). Default: last.")
     ] = None,
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Share of each map's attention mass a mask keeps (DINO: 0.6).")
-    ] = 0.6,
+        float | None,
+        typer.Option("--threshold", help="Share of each map's attention mass a mask keeps. [default: 0.6, DINO's]"),
+    ] = None,
     masks: Annotated[
         Path | None,
         typer.Option("--masks", help="Folder of ground-truth binary masks named like the images: report Jaccard."),
@@ -342,11 +343,14 @@ def attention(
         str | None,
         typer.Option(
             "--img-size",
-            help="Run at SIZE or HxW pixels (position embeddings interpolated). Default: the model's own size.",
+            help="Run at SIZE or HxW pixels, whole patches (position embeddings interpolated). Default: the "
+            "model's own size.",
         ),
     ] = None,
-    save_maps: Annotated[bool, typer.Option("--save-maps", help="Also save the raw maps as safetensors.")] = False,
-    pca: Annotated[bool, typer.Option("--pca/--no-pca", help="PCA feature maps of the patch tokens (DINOv2).")] = True,
+    save_maps: Annotated[
+        bool | None, typer.Option("--save-maps/--no-save-maps", help="Also save the raw maps as safetensors.")
+    ] = None,
+    pca: Annotated[bool | None, typer.Option("--pca/--no-pca", help="PCA feature maps of the patch tokens.")] = None,
     batch_size: BatchSize = None,
     device: Device = None,
     recipe: Recipe = None,
@@ -357,48 +361,37 @@ def attention(
 
     Example: `fewshot attention photos/ --backbone runs/dino --masks photo_masks/ --out attention/`
     """
-    from fewshot.attention import run_attention
+    from fewshot.attention_outputs import run_attention
 
-    flags = {"extract.backbone": backbone, "extract.batch_size": batch_size, "extract.device": device}
-    cfg = _config(recipe, set_, flags)
-    summary = run_attention(
-        images,
-        cfg.extract.backbone,
-        out,
-        block=block,
-        threshold=threshold,
-        save_maps=save_maps,
-        masks=masks,
-        pca=pca,
-        progress=not quiet,
-        img_size=img_size,
-        device=cfg.extract.device,
-        batch_size=cfg.extract.batch_size,
-        cfg=cfg,
-    )
-    _echo_skips(summary["skipped"])
-    h, w = summary["input_size"]
+    flags: dict[str, Any] = {"extract.backbone": backbone, "extract.batch_size": batch_size, "extract.device": device}
+    flags |= {"attention.block": block, "attention.threshold": threshold, "attention.img_size": img_size}
+    flags |= {"attention.save_maps": save_maps, "attention.pca": pca}
+    result = run_attention(images, out, _config(recipe, set_, flags), masks=masks, progress=not quiet)
+    _echo_skips(result.skipped)
+    h, w = result.input_size
     typer.echo(
-        f"{summary['images']} images -> block {summary['block']} attention ({summary['heads']} heads, "
-        f"{summary['grid'][0]}x{summary['grid'][1]} patches at {h}x{w}) in {out}/grids; "
-        f"contact sheet {summary['contact_sheets'][0]}"
+        f"{result.images} images -> block {result.block} attention ({result.heads} heads, "
+        f"{result.grid[0]}x{result.grid[1]} patches at {h}x{w}) in {out}/grids; "
+        f"contact sheet {result.contact_sheets[0]}"
     )
-    if summary["pca"]:
+    if result.pca:
         typer.echo(f"PCA feature maps: {out / 'pca'}")
-    if "jaccard" in summary:
-        jac = summary["jaccard"]
-        pct = f"{100 * summary['threshold']:g}%"
-        typer.echo(f"Jaccard of the {pct}-mass masks on {jac['images_with_masks']} images (mean | union | best head):")
-        for name, row in list(jac["per_image"].items())[:20]:
-            best = max(row["heads"])
-            typer.echo(f"  {name:<40} {row['mean_map']:.3f} | {row['union']:.3f} | {best:.3f}")
-        if len(jac["per_image"]) > 20:
-            typer.echo(f"  ... {len(jac['per_image']) - 20} more in {jac['report']}")
-        per_head = " ".join(f"{j:.3f}" for j in jac["mean_per_head"])
-        typer.echo(f"  average: mean map {jac['mean_map']:.3f}, union {jac['union']:.3f}; per head {per_head}")
-        typer.echo(f"  best head {jac['best_head']}: {jac['best_head_jaccard']:.3f}  report: {jac['report']}")
-        if jac["missing_masks"]:
-            typer.secho(f"  {len(jac['missing_masks'])} image(s) had no mask", fg=typer.colors.YELLOW)
+    if result.jaccard is not None:
+        _print_jaccard(result.jaccard, result.threshold)
+
+
+def _print_jaccard(jac: dict[str, Any], threshold: float) -> None:
+    typer.echo(f"Jaccard of the {100 * threshold:g}%-mass masks on {jac['images_with_masks']} images "
+               "(mean | union | best head):")  # fmt: skip
+    for name, row in list(jac["per_image"].items())[:20]:
+        typer.echo(f"  {name:<40} {row['mean_map']:.3f} | {row['union']:.3f} | {max(row['heads']):.3f}")
+    if len(jac["per_image"]) > 20:
+        typer.echo(f"  ... {len(jac['per_image']) - 20} more in {jac['report']}")
+    per_head = " ".join(f"{j:.3f}" for j in jac["mean_per_head"])
+    typer.echo(f"  average: mean map {jac['mean_map']:.3f}, union {jac['union']:.3f}; per head {per_head}")
+    typer.echo(f"  best head {jac['best_head']}: {jac['best_head_jaccard']:.3f}  report: {jac['report']}")
+    if jac["missing_masks"]:
+        typer.secho(f"  {len(jac['missing_masks'])} image(s) had no mask", fg=typer.colors.YELLOW)
 
 
 @command

@@ -120,12 +120,27 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class AttentionConfig:
+    """``fewshot attention``: which block, DINO's mask threshold, the input size and what to write."""
+
+    block: int | None = None  # 0-based block whose attention is read (negative: from the end); None: the last
+    threshold: float = 0.6  # share of each map's attention mass a mask keeps (DINO: 0.6)
+    img_size: str | None = None  # SIZE or HxW in whole patches (position embeddings interpolated); None: the model's
+    save_maps: bool = False  # also write the raw maps as safetensors
+    pca: bool = True  # PCA feature maps of the patch tokens (DINOv2)
+
+    def __post_init__(self) -> None:
+        check(self, threshold=(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+
+@dataclass(frozen=True)
 class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fewshot.attention import AttentionMaps, upsample, write_json
+from fewshot.attention import AttentionMaps, upsample
 from fewshot.errors import FewshotError
 
 
@@ -56,26 +56,26 @@ def mask_for(name: str, index: dict[str, Path]) -> Path | None:
 
 
 def jaccard_report(
-    rows: list[dict[str, Any]], index: dict[str, Path], size: tuple[int, int], patch: tuple[int, int], out: Path
+    images: list[tuple[str, AttentionMaps]], index: dict[str, Path], size: tuple[int, int], patch: tuple[int, int]
 ) -> dict[str, Any]:
-    """Jaccard of every head's mask, the mean map's mask and the union with the ground truth, per image and mean."""
+    """Jaccard of every head's mask, the mean map's mask and the union with the ground truth, per image and mean,
+    for ``(image name, maps)`` pairs; masks are found in ``index`` (:func:`mask_index`) by the image's name."""
     per_image: dict[str, dict[str, Any]] = {}
     missing = []
-    for row in rows:
-        path = mask_for(row["name"], index)
+    for name, maps in images:
+        path = mask_for(name, index)
         if path is None:
-            missing.append(row["name"])
+            missing.append(name)
             continue
         truth = read_mask(path, size)  # (H, W)
-        maps: AttentionMaps = row["maps"]
-        per_image[row["name"]] = {
+        per_image[name] = {
             "mask": str(path),
             "heads": [jaccard(upsample(m, patch), truth) for m in maps.masks],
             "mean_map": jaccard(upsample(maps.mean_mask, patch), truth),
             "union": jaccard(upsample(maps.union_mask, patch), truth),
         }
     if not per_image:
-        raise FewshotError(f"no mask matches an image name (e.g. '{rows[0]['name']}'); name masks like the images")
+        raise FewshotError(f"no mask matches an image name (e.g. '{images[0][0]}'); name masks like the images")
     per_head = np.mean([v["heads"] for v in per_image.values()], axis=0)
     report = {
         "images_with_masks": len(per_image),
@@ -88,5 +88,4 @@ def jaccard_report(
         "union": float(np.mean([v["union"] for v in per_image.values()])),
         "per_image": per_image,
     }
-    write_json(out / "jaccard.json", report)
     return report

@@ -12,21 +12,20 @@ import torch
 from PIL import Image
 
 from benchmarks.masked_set import write_masked_set
-from fewshot.attention import (
-    attention_maps,
-    capture_attention,
-    class_attention,
-    mass_mask,
-    run_attention,
-    upsample,
-)
+from fewshot.attention import attention_maps, capture_attention, class_attention, mass_mask, upsample
+from fewshot.attention_outputs import run_attention
 from fewshot.backbones import load_backbone
+from fewshot.config import AttentionConfig, Config
 from fewshot.errors import FewshotError
 from fewshot.mask_quality import jaccard
 from tests.conftest import TINY_VIT
 
 REG_VIT = TINY_VIT + ",reg_tokens=4"  # class token + 4 registers
 DINOV2_REG = "vit_small_patch14_reg4_dinov2:img_size=28,depth=2,embed_dim=64,num_heads=4"  # patch 14, 5 prefix
+
+
+def settings(**attention: Any) -> Config:
+    return Config(attention=AttentionConfig(**attention))
 
 
 @pytest.fixture(scope="module")
@@ -115,37 +114,36 @@ def test_jaccard_on_hand_made_masks() -> None:
 
 def test_run_attention_writes_grids_sheet_pca_and_maps(masked_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    summary = run_attention(masked_set / "images", TINY_VIT, out, save_maps=True, progress=False)
-    assert summary["images"] == 4 and summary["grid"] == [4, 4] and summary["prefix_tokens"] == 1
-    for png in [*summary["grids"], *summary["contact_sheets"], *summary["pca"]]:
+    result = run_attention(masked_set / "images", out, settings(save_maps=True), TINY_VIT, progress=False)
+    assert result.images == 4 and result.grid == (4, 4) and result.prefix_tokens == 1
+    for png in [*result.grids, *result.contact_sheets, *result.pca]:
         assert Image.open(png).size[0] > 32
     assert (out / "contact_sheet.png").is_file() and (out / "pca" / "pca_sheet.png").is_file()
     from safetensors.numpy import load_file
 
-    maps = load_file(summary["maps"][0])
+    maps = load_file(result.maps[0])
     assert maps["heads"].shape == (3, 4, 4) and maps["masks"].shape == (3, 4, 4)
     assert json.loads((out / "attention.json").read_text())["threshold"] == 0.6
     assert json.loads((out / "maps" / "index.json").read_text())["files"]["000.safetensors"] == "000.png"
 
-    bare = run_attention(masked_set / "images", TINY_VIT, tmp_path / "bare", pca=False, progress=False)
-    assert bare["maps"] == [] and bare["pca"] == [] and not (tmp_path / "bare" / "maps").exists()
+    bare = run_attention(masked_set / "images", tmp_path / "bare", settings(pca=False), TINY_VIT, progress=False)
+    assert bare.maps == [] and bare.pca == [] and not (tmp_path / "bare" / "maps").exists()
 
 
 def test_shapes_follow_image_size_and_patch_size(masked_set: Path, tmp_path: Path) -> None:
     backbone = load_backbone(TINY_VIT)
     pos_before = backbone.model.pos_embed.detach().clone()
     with pytest.raises(FewshotError, match="not a whole number of 8x8 patches; use e.g. --img-size 48x32"):
-        run_attention(masked_set / "images", backbone, tmp_path / "a", img_size="50x36")  # never silently 48x32
-    summary = run_attention(
-        masked_set / "images", backbone, tmp_path / "a", img_size="48x32", pca=False, save_maps=True
-    )
-    assert summary["input_size"] == [48, 32] and summary["grid"] == [6, 4]
+        run_attention(masked_set / "images", tmp_path / "a", settings(img_size="50x36"), backbone)  # never 48x32
+    cfg = settings(img_size="48x32", pca=False, save_maps=True)
+    result = run_attention(masked_set / "images", tmp_path / "a", cfg, backbone)
+    assert result.input_size == (48, 32) and result.grid == (6, 4)
     from safetensors.numpy import load_file
 
-    assert load_file(summary["maps"][0])["heads"].shape == (3, 6, 4)
+    assert load_file(result.maps[0])["heads"].shape == (3, 6, 4)
     assert torch.equal(backbone.model.pos_embed, pos_before)  # the caller's model keeps its size
-    summary = run_attention(masked_set / "images", DINOV2_REG, tmp_path / "b", img_size=42, progress=False)
-    assert summary["grid"] == [3, 3] and summary["prefix_tokens"] == 5 and summary["heads"] == 4
+    result = run_attention(masked_set / "images", tmp_path / "b", settings(img_size="42"), DINOV2_REG, progress=False)
+    assert result.grid == (3, 3) and result.prefix_tokens == 5 and result.heads == 4
 
 
 def test_jaccard_report_against_masks(masked_set: Path, tmp_path: Path) -> None:
@@ -153,21 +151,22 @@ def test_jaccard_report_against_masks(masked_set: Path, tmp_path: Path) -> None:
     truth.mkdir()
     for name in ("000", "001", "002"):  # 003 has no mask; other extension than the images on purpose
         Image.new("L", (48, 48), 255).save(truth / f"{name}.bmp")
-    summary = run_attention(masked_set / "images", TINY_VIT, tmp_path / "o", masks=truth, save_maps=True)
-    jac = summary["jaccard"]
-    assert jac["images_with_masks"] == 3 and jac["missing_masks"] == ["003.png"]
+    result = run_attention(masked_set / "images", tmp_path / "o", settings(save_maps=True), TINY_VIT, masks=truth)
+    jac = result.jaccard
+    assert jac is not None and jac["images_with_masks"] == 3 and jac["missing_masks"] == ["003.png"]
     from safetensors.numpy import load_file
 
-    saved = load_file(summary["maps"][0])
+    saved = load_file(result.maps[0])
     per = jac["per_image"]["000.png"]
     assert per["mean_map"] == pytest.approx(saved["mean_mask"].mean())
     assert per["heads"] == pytest.approx(saved["masks"].mean(axis=(1, 2)).tolist())
     assert jac["best_head"] == int(np.argmax(jac["mean_per_head"]))
     assert json.loads((tmp_path / "o" / "jaccard.json").read_text())["best_head"] == jac["best_head"]
 
-    real = run_attention(masked_set / "images", TINY_VIT, tmp_path / "r", masks=masked_set / "masks", pca=False)
-    assert real["jaccard"]["images_with_masks"] == 4
-    assert all(0 <= j <= 1 for j in real["jaccard"]["mean_per_head"])
+    masks = masked_set / "masks"
+    real = run_attention(masked_set / "images", tmp_path / "r", settings(pca=False), TINY_VIT, masks=masks)
+    assert real.jaccard is not None and real.jaccard["images_with_masks"] == 4
+    assert all(0 <= j <= 1 for j in real.jaccard["mean_per_head"])
 
 
 @pytest.mark.parametrize(
@@ -182,6 +181,7 @@ def test_jaccard_report_against_masks(masked_set: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line(masked_set: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
-    args = {"backbone": TINY_VIT, "pca": False, "progress": False, **kwargs}
+    kwargs = dict(kwargs)
+    backbone, masks = kwargs.pop("backbone", TINY_VIT), kwargs.pop("masks", None)
     with pytest.raises(FewshotError, match=message):
-        run_attention(masked_set / "images", out=tmp_path / "x", **args)
+        run_attention(masked_set / "images", tmp_path / "x", settings(pca=False, **kwargs), backbone, masks=masks)
