@@ -194,9 +194,11 @@ def load_backbone(spec: str) -> Backbone:
         sha = "random-init:" + _state_sha256(model)
         data_cfg = {"crop_pct": 1.0}  # no pretrained eval protocol to follow: keep the whole image
     elif parsed.kind == "hub":
+        from huggingface_hub.errors import EntryNotFoundError  # a plain Exception, unlike the hub's HTTP errors
+
         try:
             model = timm.create_model(parsed.name, pretrained=True, num_classes=0, **parsed.kwargs)
-        except Exception as exc:  # network, unknown repo, auth: one line for the user
+        except (OSError, ValueError, RuntimeError, EntryNotFoundError) as exc:  # network, unknown repo or file, auth
             raise FewshotError(f"cannot load '{parsed.name}' from the Hugging Face hub ({exc})") from None
         sha = "hub:" + _state_sha256(model)
     else:

@@ -338,24 +338,28 @@ def _fingerprint(records: Iterable[Record], classes: list[str], skipped: list[di
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
+# datasets raises OSError for missing files and network/auth failures (hub HTTP errors are OSErrors), ValueError for
+# bad names and formats, and its own DatasetsError for the rest: each ends as one line for the user.
 
 
 def _from_hub(name: str, split: str | None) -> ImageSet:
     import datasets
+    from datasets.exceptions import DatasetsError
 
     try:
         ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as exc:  # network, auth or unknown name: all end as one line for the user
+    except (OSError, ValueError, DatasetsError) as exc:
         raise FewshotError(f"cannot load Hugging Face dataset '{name}' ({type(exc).__name__}: {exc})") from None
     return _from_dataset(ds, f"hf:{name}:{split or 'train'}")
 
 
 def _from_disk(path: Path, split: str | None) -> ImageSet:
     import datasets
+    from datasets.exceptions import DatasetsError
 
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as exc:
+    except (OSError, ValueError, DatasetsError) as exc:
         raise FewshotError(f"cannot load the saved dataset in '{path}' ({exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = split or ("train" if "train" in ds else next(iter(ds)))
@@ -367,10 +371,11 @@ def _from_disk(path: Path, split: str | None) -> ImageSet:
 
 def _from_hf_imagefolder(path: Path, split: str | None) -> ImageSet:
     import datasets
+    from datasets.exceptions import DatasetsError
 
     try:
         ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split or "train")
-    except Exception as exc:
+    except (OSError, ValueError, DatasetsError) as exc:
         raise FewshotError(f"cannot load '{path}' as a Hugging Face imagefolder ({exc})") from None
     return _from_dataset(ds, str(path))
 
@@ -440,7 +445,3 @@ def summarize_skips(skipped: list[dict[str, str]], limit: int = 10) -> str:
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more (all listed in the report)")
     return "\n".join(lines)
-
-
-def dumps_skips(skipped: list[dict[str, str]]) -> str:
-    return json.dumps(skipped)
