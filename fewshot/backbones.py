@@ -10,7 +10,8 @@ overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one ev
 - ``weights.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` -- local weights (``.pth`` read with
   ``weights_only=True``); common layouts (``teacher``, ``student``, ``model``, ``state_dict`` and ``module.`` /
   ``backbone.`` prefixes) are unwrapped; the architecture comes from our metadata or ``:arch=NAME``;
-- a run folder written by ``fewshot pretrain`` (it holds ``backbone.safetensors``);
+- a run folder written by ``fewshot pretrain`` (it holds ``backbone.safetensors``); ``RUN:init`` the weights that
+  run started from (``--init``, checked against the sha256 it recorded; :mod:`fewshot.inits`);
 - ``hf-hub:owner/name`` -- pretrained weights through timm's hub loader (needs the network once).
 """
 
@@ -35,7 +36,7 @@ _PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    kind: str  # pixels | timm | weights | run | hub
+    kind: str  # pixels | timm | weights | run | hub | init
     name: str  # timm architecture (or hf-hub:...); "pixels" for the baseline
     path: Path | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # for timm.create_model
@@ -64,6 +65,10 @@ def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
     if "_positional" in options:
         raise FewshotError(f"backbone '{spec}': write options as key=value, e.g. {base}:img_size=64")
     arch = options.pop("arch", None)
+    if base.endswith(":init") and Path(base[: -len(":init")]).expanduser().is_dir():
+        if options or arch:
+            raise FewshotError(f"backbone '{spec}': RUN:init takes no options but :pool=, e.g. runs/adapted:init")
+        return BackboneSpec("init", "", Path(base[: -len(":init")]).expanduser(), options, seed)
     if base.startswith("hf-hub:") or base.startswith("timm/"):
         return BackboneSpec("hub", base if base.startswith("hf-hub:") else f"hf-hub:{base}", None, options, seed)
     path = Path(base).expanduser()
@@ -138,6 +143,11 @@ def load_backbone(spec: str) -> Backbone:
     parsed = parse_spec(spec)
     if parsed.kind == "pixels":
         return _pixels(spec, parsed.size)  # pixels have no tokens to pool
+    if parsed.kind == "init":
+        from fewshot.inits import load_run_init
+
+        assert parsed.path is not None
+        return load_run_init(parsed.path, spec, parsed.pool)
     import timm
     import torch
 
