@@ -97,7 +97,11 @@ def layer_ids(module: nn.Module) -> tuple[dict[str, int], int]:
 
 def lr_scales(method: Any, plan: GuardPlan) -> dict[str, float]:
     """``backbone_lr_scale × layer_decay^(last layer - layer)`` for every parameter of the method's backbone
-    modules, by its name in the method (what :meth:`~fewshot.methods.base.Method.param_groups` takes)."""
+    modules, by its name in the method (what :meth:`~fewshot.methods.base.Method.param_groups` takes). Empty when
+    the backbone trains like the rest (scale 1, no decay, no ramp): the groups, and so the checkpoints, of a run
+    from scratch stay as they were."""
+    if plan.backbone_lr_scale == 1 and plan.layer_decay == 1 and plan.backbone_warmup_steps == 0:
+        return {}
     scales: dict[str, float] = {}
     for prefix, module in method.backbone_modules().items():
         ids, n = layer_ids(module)

@@ -94,6 +94,13 @@ def test_guard_defaults_follow_the_init_and_the_run_length() -> None:
         adapt.resolve(AdaptConfig(layer_decay=1.5), True, 1000, 100)
 
 
+def test_a_run_from_scratch_keeps_its_two_optimiser_groups(tmp_path: Path) -> None:
+    """No guard, no per-layer groups: checkpoints of runs from scratch resume as before."""
+    method = get_method("mae").build(config("mae", None), RunPlan(8, 4, 2, 8))
+    assert adapt.lr_scales(method, adapt.resolve(AdaptConfig(), False, 8, 0)) == {}
+    assert [g["apply_wd"] for g in method.param_groups({})] == [True, False]
+
+
 def test_dino_teacher_momentum_starts_high_from_an_init() -> None:
     plan = RunPlan(n_images=4000, batch_size=64, steps_per_epoch=62, total_steps=4000)
     assert dino_resolve(DinoConfig(), plan)["momentum_teacher"] == pytest.approx(0.995)  # 1 - 20/T
