@@ -5,6 +5,8 @@ and the method's optimiser resolved alike by the Python API and the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +253,40 @@ def test_api_and_cli_resolve_the_same_mae_optimiser(digits: tuple[Path, Path], t
     assert (saved[0]["lr"], saved[0]["betas"], saved[0]["weight_decay"], saved[0]["clip_grad"]) == (
         mae.lr, list(mae.betas or ()), mae.weight_decay, mae.clip_grad
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_processes_adapt_like_one_through_the_warmup(tmp_path: Path) -> None:
+    """DDP is rebuilt when the warm-up ends (it registers the parameters that train when it is built)."""
+    import subprocess
+
+    from tests.conftest import write_digits_folder
+    from tests.test_distributed import fewshot as run_cli
+    from tests.test_distributed import losses
+
+    data = write_digits_folder(tmp_path / "data", classes=2, per_class=8)  # 2 steps per epoch at batch 8
+    init = init_file(tmp_path / "init.safetensors")
+    sets = ["pretrain.log_every=1", "pretrain.adapt.head_warmup_steps=2", "pretrain.dino.local_crops=2"]
+    sets += ["pretrain.dino.hidden_dim=32", "pretrain.dino.bottleneck_dim=16", "pretrain.dino.out_dim=64"]
+    sets += ["pretrain.dino.drop_path_rate=0.0"]  # stochastic depth draws per rank
+    args = ["pretrain", data, "--init", init, "--epochs", "2", "--batch-size", "8", "--seed", "3", "--device", "cpu"]
+    args += [a for s in sets for a in ("--set", s)] + ["-q"]
+    run_cli(*args, "--out", tmp_path / "one")
+    run_cli(*args, "--out", tmp_path / "two", processes=2)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+    a, b = (
+        load_file(str(tmp_path / "one" / "backbone.safetensors")),
+        load_file(str(tmp_path / "two" / "backbone.safetensors")),
+    )
+    assert any(not torch.equal(a[k], load_file(str(init))[k]) for k in a)  # the backbone trained after the warm-up
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # BatchNorm across CPU processes: refused in one line (SyncBatchNorm needs GPUs)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fewshot"]
+    bn = ["pretrain", str(data), "--model", "test_resnet", "--img-size", "32", "--steps", "1", "--batch-size", "8"]
+    done = subprocess.run([*launcher, *bn, "--device", "cpu", "-q", "--out", str(tmp_path / "bn")], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0 and "error: this backbone has BatchNorm" in done.stderr  # torchrun adds a report
