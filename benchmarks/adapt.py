@@ -6,8 +6,9 @@ longer) on all 1,797 scikit-learn digits (8×8 scans). The target is another dom
 8×8 scans). On the target's unlabeled images, the same seed and the same number of steps for each:
 
 - ``naive``: continue from the source as today's ``--init`` did: fresh decoder / head, full learning rate;
-- ``guarded``: the same with this issue's guard (head warm-up, backbone lr × 0.1, layer decay 0.75; DINO: a higher
-  teacher momentum);
+- ``guarded``: the same with this issue's guard at its defaults (head warm-up over 10% of the run, then layer decay
+  0.75 and a backbone lr ramp; DINO: a higher teacher momentum);
+- ``guarded-lr0.1``: the guard with the backbone's rate also × 0.1 (``adapt.backbone_lr_scale = 0.1``);
 - ``scratch``: the same architecture from random initialisation (MAE only);
 
 then ``fewshot evaluate`` on the target's labels: 1/5/10 shots × 10 seeds, k-NN / logreg / prototype, every ViT read
@@ -38,6 +39,7 @@ SOURCE: dict[str, Any] = {  # the demo's MAE recipe (fewshot.demo.DEMO_PRETRAIN)
 }  # fmt: skip
 # today's --init: a fresh head trained together with the backbone at the full rate, DINO's from-scratch momentum
 NAIVE = {"head_warmup_steps": 0, "backbone_lr_scale": 1.0, "layer_decay": 1.0, "backbone_warmup_steps": 0}
+CAUTIOUS = {"backbone_lr_scale": 0.1}  # the guard with the backbone's rate also × 0.1
 DINO: dict[str, Any] = {  # DINO continued from the MAE source: the small-head CPU recipe, 4 local crops of 8 px
     "method": "dino", "batch_size": 64, "log_every": 25, "checkpoint_every": 10,
     "optim": {"lr": 2e-3, "min_lr": 1e-5},
@@ -99,6 +101,7 @@ def main() -> None:
         for name, extra in (
             ("naive", {"init": str(source), "adapt": NAIVE}),
             ("guarded", {"init": str(source)}),
+            ("guarded-lr0.1", {"init": str(source), "adapt": CAUTIOUS}),
             ("scratch", {}),
         ):
             runs[f"mae-{name}"] = work / f"target-mae-{name}"
@@ -107,7 +110,7 @@ def main() -> None:
         dino = {**DINO, **monitor, "init": str(source), "steps": args.dino_steps}
         momentum = min(0.996, max(0.99, 1 - 20 / args.dino_steps))  # DINO's from-scratch rule, as before this issue
         naive = {**dino, "adapt": NAIVE, "dino": {**DINO["dino"], "momentum_teacher": momentum}}
-        for name, recipe in (("naive", naive), ("guarded", dino)):
+        for name, recipe in (("naive", naive), ("guarded", dino), ("guarded-lr0.1", {**dino, "adapt": CAUTIOUS})):
             runs[f"dino-{name}"] = work / f"target-dino-{name}"
             seconds[f"dino-{name}"] = train(target / "unlabeled", recipe, runs[f"dino-{name}"])
     report = evaluate_all(target, source, runs, work / "evaluation", args.seeds)

@@ -10,10 +10,10 @@ from where they started: the k-NN accuracy that users of continued DINOv2 traini
    (:meth:`fewshot.methods.base.Method.backbone_modules`) are frozen -- no gradients, eval mode (BatchNorm keeps the
    init's statistics), not touched by the optimiser or an EMA -- and only the new head trains.
 2. **A lower, layer-wise decayed backbone learning rate** (BEiT, Bao et al. 2022; MAE fine-tuning, He et al. 2022):
-   a backbone parameter trains at ``lr × backbone_lr_scale × layer_decay^(L - layer)``, where ``layer`` is timm's
-   own grouping of the model (``group_matcher``: embeddings 0, block i is i + 1, the final norm L), so block i of
-   a depth-D ViT gets ``layer_decay^(D - i)``; after the warm-up the backbone's rate ramps up linearly from 0 over
-   ``backbone_warmup_steps``.
+   a backbone parameter trains at ``lr × backbone_lr_scale × layer_decay^(L - layer)`` (the scale is 1 unless set),
+   where ``layer`` is timm's own grouping of the model (``group_matcher``: embeddings 0, block i is i + 1, the final
+   norm L), so block i of a depth-D ViT gets ``layer_decay^(D - i)``; after the warm-up the backbone's rate ramps up
+   linearly from 0 over ``backbone_warmup_steps``.
 3. Method-specific settings stay in the method (DINO's teacher momentum starts higher with ``--init``:
    :func:`fewshot.methods.dino.resolve`).
 
@@ -32,7 +32,6 @@ from fewshot.errors import FewshotError
 
 _MATCH_PREV_GROUP = (99999,)  # timm's group_matcher ordinal for "same group as the previous one"
 ADAPT_WARMUP_FRACTION = 0.1  # head warm-up with --init: this share of the run
-ADAPT_BACKBONE_LR_SCALE = 0.1
 ADAPT_LAYER_DECAY = 0.75  # MAE's ViT-L / BEiT-L fine-tuning value; 0.65 for their ViT-B
 
 
@@ -48,14 +47,12 @@ class GuardPlan:
 
 def resolve(cfg: Any, adapting: bool, total_steps: int, lr_warmup_steps: int) -> GuardPlan:
     """Explicit ``pretrain.adapt`` values, else: with ``--init`` (``adapting``) a head warm-up of 10% of the run
-    (at least one step), backbone lr × 0.1, layer decay 0.75 and a backbone lr ramp as long as the lr warm-up;
-    without, nothing (no warm-up, scale 1, no decay)."""
+    (at least one step), layer decay 0.75 and a backbone lr ramp as long as the lr warm-up; without, nothing (no
+    warm-up, no decay, no ramp). ``backbone_lr_scale`` is 1 unless set, either way."""
     warmup = cfg.head_warmup_steps
     if warmup is None:
         warmup = max(1, round(ADAPT_WARMUP_FRACTION * total_steps)) if adapting else 0
     scale = cfg.backbone_lr_scale
-    if scale is None:
-        scale = ADAPT_BACKBONE_LR_SCALE if adapting else 1.0
     decay = cfg.layer_decay
     if decay is None:
         decay = ADAPT_LAYER_DECAY if adapting else 1.0

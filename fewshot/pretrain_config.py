@@ -62,7 +62,8 @@ class AdaptConfig:
     learning rate. ``None`` = derived: the guard with ``--init``, nothing (plain training) without."""
 
     head_warmup_steps: int | None = None  # backbone frozen for the first steps; None: 10% of the run with --init, or 0
-    backbone_lr_scale: float | None = None  # backbone lr = lr × this; None: 0.1 with --init, else 1
+    backbone_lr_scale: float = 1.0  # backbone lr = lr × this (× layer decay); 0.1 held the start but barely moved it in
+    # benchmarks/adapt.py, so by default layer decay alone lowers the backbone's rate
     layer_decay: float | None = None  # block i of D: × decay^(D - i) (BEiT/MAE); None: 0.75 with --init, else 1
     backbone_warmup_steps: int | None = None  # the backbone's lr ramps from 0 over these steps after the warm-up;
     # None: as long as the lr warm-up (optim.warmup_steps) with --init, else 0

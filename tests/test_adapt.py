@@ -83,11 +83,11 @@ def test_head_warmup_leaves_the_backbone_bitwise_unchanged_then_trains_it(
     trained = [k for k, v in seen[2][0].items() if not torch.equal(v, seen[1][0][k])]
     assert any(k.startswith(("student.backbone.blocks", "encoder.blocks")) for k in trained)  # then it trains
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
-    assert (saved["head_warmup_steps"], saved["backbone_lr_scale"], saved["layer_decay"]) == (2, 0.1, 0.75)
+    assert (saved["head_warmup_steps"], saved["backbone_lr_scale"], saved["layer_decay"]) == (2, 1.0, 0.75)
 
 
 def test_guard_defaults_follow_the_init_and_the_run_length() -> None:
-    assert adapt.resolve(AdaptConfig(), True, 1000, 100) == adapt.GuardPlan(100, 0.1, 0.75, 100)
+    assert adapt.resolve(AdaptConfig(), True, 1000, 100) == adapt.GuardPlan(100, 1.0, 0.75, 100)
     assert adapt.resolve(AdaptConfig(), False, 1000, 100) == adapt.GuardPlan(0, 1.0, 1.0, 0)  # from scratch: nothing
     assert adapt.resolve(AdaptConfig(), True, 4, 0).head_warmup_steps == 1  # at least one step
     explicit = AdaptConfig(head_warmup_steps=7, backbone_lr_scale=0.5, layer_decay=0.9, backbone_warmup_steps=3)
@@ -164,7 +164,7 @@ def test_the_loop_sets_each_group_lr_from_the_schedule_scale_and_ramp(
     for step, groups in enumerate(seen):
         for scale, backbone, lr in groups:
             assert lr == pytest.approx(scheduled[step] * scale * (ramp[step] if backbone else 1.0))
-    assert {round(s, 6) for s, b, _ in seen[0] if b} >= {round(0.1 * 0.75**i, 6) for i in range(KWARGS["depth"] + 2)}
+    assert {round(s, 6) for s, b, _ in seen[0] if b} >= {round(0.75**i, 6) for i in range(KWARGS["depth"] + 2)}
 
 
 # ---------------------------------------------------------------------------------------------- BatchNorm
