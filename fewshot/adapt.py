@@ -64,7 +64,7 @@ def resolve(cfg: Any, adapting: bool, total_steps: int, lr_warmup_steps: int) ->
     if not scale > 0 or not 0 < decay <= 1:
         raise FewshotError(
             f"adapt.backbone_lr_scale must be > 0 (got {scale}) and adapt.layer_decay in (0, 1] (got {decay}); "
-            "e.g. 0.1 and 0.75"
+            "e.g. 1 and 0.75"
         )
     if cfg.warn_margin < 0:
         raise FewshotError(f"adapt.warn_margin must be ≥ 0, got {cfg.warn_margin}; e.g. 0.02 (two points)")

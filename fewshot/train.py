@@ -35,7 +35,8 @@ from fewshot.store import check_memory, decode_images, place
 __all__ = ["decode_images", "load_run_config", "pretrain"]  # decode_images: where users found it before
 
 # settings that may change when a run is resumed; anything else must match the run's config.json
-RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "log_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test", "monitor_pool", "log_every",
+                     "checkpoint_every", "adapt.warn_margin")  # fmt: skip
 
 
 def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
