@@ -11,7 +11,8 @@ overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one ev
 - ``weights.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` -- local weights (``.pth`` read with
   ``weights_only=True``); common layouts (``teacher``, ``student``, ``model``, ``state_dict`` and ``module.`` /
   ``backbone.`` prefixes) are unwrapped; the architecture comes from our metadata or ``:arch=NAME``;
-- a run folder written by ``fewshot pretrain`` (it holds ``backbone.safetensors``);
+- a run folder written by ``fewshot pretrain`` (it holds ``backbone.safetensors``); ``RUN:init`` the weights that
+  run started from (``--init``, checked against the sha256 it recorded; :mod:`fewshot.inits`);
 - ``hf-hub:owner/name`` -- pretrained weights through timm's hub loader (needs the network once).
 """
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    kind: str  # pixels | timm | weights | run | hub
+    kind: str  # pixels | timm | weights | run | hub | init
     name: str  # timm architecture (or hf-hub:...); "pixels" for the baseline
     path: Path | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # for timm.create_model
@@ -71,10 +72,12 @@ def absolute_spec(spec: str) -> str:
     """``spec`` with a relative weights file or run folder made absolute (options kept): what a saved artifact
     records, so that it names the same backbone from any working directory."""
     spec = spec.strip()
-    if parse_spec(spec).kind not in ("weights", "run"):
+    kind = parse_spec(spec).kind
+    if kind not in ("weights", "run", "init"):
         return spec
     base = spec_base(spec)
-    return str(Path(base).expanduser().resolve()) + spec[len(base) :]
+    path = base[: -len(":init")] if kind == "init" else base  # RUN:init names the run folder
+    return str(Path(path).expanduser().resolve()) + spec[len(path) :]
 
 
 def spec_base(spec: str) -> str:
@@ -84,8 +87,8 @@ def spec_base(spec: str) -> str:
 
 def _check_unparsed_options(spec: str, base: str) -> None:
     """'pixels:abc' or 'vit_x:img_size' (no '='): an option suffix that is not key=value, named as such."""
-    head, sep, _ = base.rpartition(":")
-    if not sep or not head or head == "hf-hub" or Path(base).exists():
+    head, sep, tail = base.rpartition(":")
+    if not sep or not head or head == "hf-hub" or Path(base).exists() or tail == "init":
         return
     if head == "pixels":
         raise FewshotError(f"backbone '{spec}': pixels takes only a size in pixels, e.g. pixels:32")
@@ -107,6 +110,10 @@ def _parse(spec: str, base: str, options: dict[str, Any]) -> BackboneSpec:
     if "_positional" in options:
         raise FewshotError(f"backbone '{spec}': write options as key=value, e.g. {base}:img_size=64")
     arch = options.pop("arch", None)
+    if base.endswith(":init") and Path(base[: -len(":init")]).expanduser().is_dir():
+        if options or arch:
+            raise FewshotError(f"backbone '{spec}': RUN:init takes no options but :pool=, e.g. runs/adapted:init")
+        return BackboneSpec("init", "", Path(base[: -len(":init")]).expanduser(), options, seed)
     if base.startswith("hf-hub:") or base.startswith("timm/"):
         return BackboneSpec("hub", base if base.startswith("hf-hub:") else f"hf-hub:{base}", None, options, seed)
     path = Path(base).expanduser()
@@ -182,6 +189,11 @@ def load_backbone(spec: str) -> Backbone:
     parsed = parse_spec(spec)
     if parsed.kind == "pixels":
         return _pixels(spec, parsed.size)  # pixels have no tokens to pool
+    if parsed.kind == "init":
+        from fewshot.inits import load_run_init
+
+        assert parsed.path is not None
+        return load_run_init(parsed.path, spec, parsed.pool)
     import timm
     import torch
 

@@ -139,8 +139,12 @@ def pretrain(
             "--method", help="dino or mae (each brings its paper's AdamW settings unless a recipe sets them)."
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="timm architecture, e.g. vit_small_patch16_224.")] = None,
-    img_size: Annotated[int | None, typer.Option("--img-size", help="Global crop size in pixels.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="timm architecture, e.g. vit_small_patch16_224 (default: the init's).")
+    ] = None,
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", help="Global crop size in pixels (default: the init's).")
+    ] = None,
     patch_size: Annotated[int | None, typer.Option("--patch-size", help="Override the ViT's patch size.")] = None,
     depth: Annotated[int | None, typer.Option("--depth", help="Override the ViT's number of blocks.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the images.")] = None,
@@ -153,11 +157,20 @@ def pretrain(
         int | None, typer.Option("--seed", help="Seed of initialisation, data order and augmentation.")
     ] = None,
     init: Annotated[
-        str | None, typer.Option("--init", help="Start from weights: .safetensors/.pth file or a run folder.")
+        str | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights, any backbone spec (`hf-hub:timm/vit_small_patch16_224.dino`, a run folder, "
+            "a weights file): architecture, sizes and normalisation follow it, and the guard keeps them (README).",
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Require an existing run folder to continue.")] = False,
     monitor: Annotated[
-        str | None, typer.Option("--monitor", help="Labelled images: log the backbone's k-NN accuracy every epoch.")
+        str | None,
+        typer.Option(
+            "--monitor",
+            help="Labelled images: the backbone's k-NN accuracy at step 0 and every epoch; keeps best.safetensors.",
+        ),
     ] = None,
     recipe: Recipe = None,
     set_: Sets = None,
@@ -170,6 +183,10 @@ def pretrain(
     evaluate and attention.
 
     Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
+
+    From public weights: `fewshot pretrain data/unlabeled --init hf-hub:timm/vit_small_patch16_224.dino
+    --recipe recipes/dino-adapt-vits16-gpu.toml --monitor data/train --out runs/adapted`, then
+    `fewshot evaluate data/train data/test -b runs/adapted -b runs/adapted:init -b pixels`.
 
     Several GPUs or nodes: `torchrun --nproc_per_node=8 -m fewshot pretrain ...` (--batch-size is the global batch).
     """
@@ -438,6 +455,11 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
     for r in sorted((r for r in results if r["shots"] == largest), key=lambda r: -r["accuracy"]):
         score = interval(r["accuracy"], r["accuracy_ci95"], scale=1.0, digits=4)
         typer.echo(f"  {r['backbone']:<48} {r['head']:<10} {score}")
+    for r in (r for r in report.get("vs_init", []) if r["shots"] == largest):
+        typer.echo(
+            f"  {r['backbone']} − its init {r['init']} ({r['head']}): {100 * r['mean']:+.1f} ± {100 * r['ci95']:.1f} "
+            f"points, paired over {r['n']} supports ({r['wins']} wins, {r['losses']} losses)"
+        )
     if note := few_seeds_note(report["seeds"]):
         typer.secho(f"warning: {note}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"report: {out / 'report.md'}  plot: {out / 'label_efficiency.png'}")

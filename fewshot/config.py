@@ -21,7 +21,7 @@ from typing import Any
 from fewshot.config_rules import ConfigValueError, above, at_least, check, each, fraction, pool_name
 from fewshot.errors import FewshotError
 from fewshot.outputs import write_text
-from fewshot.pretrain_config import METHOD_OPTIM, OptimConfig, PretrainConfig
+from fewshot.pretrain_config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -152,21 +152,13 @@ def build_config(
     flags: Mapping[str, Any] | None = None,
     base: Any = None,
 ) -> Any:
-    """Resolve a config: ``base`` (defaults) < the pretraining method's optimiser defaults
-    (:data:`fewshot.pretrain_config.METHOD_OPTIM`) < recipe TOML < ``--set`` strings < explicit flags.
+    """Resolve a config: ``base`` (defaults) < recipe TOML < ``--set`` strings < explicit flags.
 
-    ``flags`` maps dotted keys to values; ``None`` values mean "flag not given" and are ignored.
+    ``flags`` maps dotted keys to values; ``None`` values mean "flag not given" and are ignored. Pretraining values
+    left at None (the method's optimiser, the init's architecture) are resolved by the library, in
+    :func:`fewshot.train.pretrain`, the same for the CLI and the Python API.
     """
-    base = base if base is not None else Config()
-    sets = tuple(sets)  # read twice when the method's defaults apply
-    cfg = _layers(base, recipe, sets, flags)
-    pretrain = getattr(base, "pretrain", None)
-    method_optim = METHOD_OPTIM.get(getattr(getattr(cfg, "pretrain", None), "method", ""))
-    if method_optim is not None and pretrain is not None and pretrain.optim == OptimConfig():
-        # the method is known only once every layer is read: rebuild on the method's optimiser defaults
-        cfg = _layers(dataclasses.replace(base, pretrain=dataclasses.replace(pretrain, optim=method_optim)),
-                      recipe, sets, flags)  # fmt: skip
-    return cfg
+    return _layers(base if base is not None else Config(), recipe, sets, flags)
 
 
 def _layers(cfg: Any, recipe: Path | None, sets: Iterable[str], flags: Mapping[str, Any] | None) -> Any:

@@ -166,6 +166,8 @@ def _row(backbone: str, head: str, shots: int | None, per_seed: list[dict], conf
 
 def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], cfg: Config) -> dict:
     """The report dict (what ``report.json`` holds) from :func:`run_episodes` rows and the features used."""
+    from fewshot.inits import compare_with_inits
+
     train, test = next(iter(feats.values()))
     classes = list(train.classes)
     results = [r for r in rows if r["shots"] is not None]
@@ -201,6 +203,7 @@ def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], 
         "seeds": cfg.evaluate.seeds,
         "results": [{k: v for k, v in r.items() if k != "confusion"} for r in results],
         "full_knn": full_knn,
+        "vs_init": compare_with_inits(results, feats),  # run − the weights it started from, paired by support
         "best": best,
         "skipped": skipped,
         "skipped_count": len(skipped),

@@ -5,9 +5,13 @@ This is DINO's ``eval_knn`` (Caron et al. 2021, "Emerging Properties in Self-Sup
 label with weight ``exp(similarity / T)`` (k=20, T=0.07), top-1 accuracy. DINO scores a test split against a
 train split; a monitor has one labelled set, so every image is scored against all the *others* (leave-one-out).
 
-The images are decoded once, at construction, into a ``(N, 3, S, S)`` uint8 tensor exactly as the pretraining
-store is (:func:`fewshot.train.decode_images`: shorter side resized to S, centre square), which is also what the
-exported backbone's eval transform does (crop_pct 1.0, bicubic). Each call only runs the forward passes.
+With a second labelled set (``test``) the monitor instead scores those images against the first set's labels:
+``evaluate``'s k-NN with every TRAIN label.
+
+The images are decoded once, at construction, into ``(N, 3, S, S)`` uint8 tensors through timm's eval transform
+(resize to S / crop_pct, centre crop; bicubic unless told) with the exported backbone's settings: exactly the
+pixels ``extract`` and ``evaluate`` feed the run folder (and, with ``--init``, the weights it started from).
+Each call only runs the forward passes.
 """
 
 from __future__ import annotations
@@ -52,8 +56,34 @@ def knn_vote(
     return preds
 
 
+def knn_predict(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """DINO's weighted vote for ``queries`` (Q, D) among ``support`` (N, D) with ``labels`` (N,): the ``k`` most
+    cosine-similar support rows vote ``exp(sim / temperature)`` for their label. Returns (Q,) int64."""
+    k = min(k, support.shape[0])
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    sup = torch.nn.functional.normalize(support.float(), dim=1)  # (N, D)
+    qry = torch.nn.functional.normalize(queries.float(), dim=1)  # (Q, D)
+    labels = labels.to(sup.device, torch.long)
+    preds = torch.empty(qry.shape[0], dtype=torch.long, device=sup.device)  # (Q,)
+    for start in range(0, qry.shape[0], chunk):
+        top_sim, top_idx = (qry[start : start + chunk] @ sup.T).topk(k, dim=1)  # (C, k), (C, k)
+        votes = torch.zeros(top_sim.shape[0], num_classes, device=sup.device)  # (C, K)
+        votes.scatter_add_(1, labels[top_idx], ((top_sim - 1) / temperature).exp())
+        preds[start : start + chunk] = votes.argmax(dim=1)
+    return preds
+
+
 class KnnMonitor:
-    """Leave-one-out k-NN top-1 accuracy of a backbone on a labelled set held in memory.
+    """k-NN top-1 accuracy of a backbone on labelled images held in memory: leave-one-out on one set, or a second
+    set scored against the first.
 
     Build it once with :meth:`from_source`, then call ``monitor(backbone, device)`` (e.g. each epoch) to get
     ``{"knn_top1": fraction in [0, 1]}``. ``note`` is a line worth showing the user ('' when there is nothing to
@@ -72,6 +102,7 @@ class KnnMonitor:
         pool: str = "cls",
         batch_size: int = 128,
         note: str = "",
+        test: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.images = images  # (N, 3, S, S) uint8, on the CPU
         self.labels = labels  # (N,) int64
@@ -79,6 +110,7 @@ class KnnMonitor:
         self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)  # (1, 3, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)  # (1, 3, 1, 1)
         self.k, self.temperature, self.pool, self.batch_size, self.note = k, temperature, pool, batch_size, note
+        self.test = test  # (M, 3, S, S) uint8 and (M,) labels in this set's class indices, or None: leave-one-out
 
     @classmethod
     def from_source(
@@ -92,37 +124,44 @@ class KnnMonitor:
         pool: str = "cls",
         batch_size: int = 128,
         progress: bool = True,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        test: str | None = None,
     ) -> KnnMonitor:
         """Open the labelled ``source`` (anything :func:`fewshot.sources.open_source` accepts with labels) and
-        decode its labelled images once at ``img_size``. ``k`` larger than N-1 is lowered to N-1 (see ``note``).
-        Raises :class:`FewshotError` when the source is missing, unlabelled, or has fewer than 2 classes."""
+        decode its labelled images once at ``img_size`` (``crop_pct``, ``interpolation``: the eval transform);
+        likewise ``test``, scored against ``source`` instead of leave-one-out. ``k`` larger than the support allows
+        is lowered (see ``note``). Raises :class:`FewshotError` when a source is missing, unlabelled, has fewer than
+        2 classes, or ``test`` has classes ``source`` lacks."""
         from fewshot.features import check_pool
-        from fewshot.sources import open_source
-        from fewshot.train import decode_images
 
         check_pool(pool)
         if k < 1 or temperature <= 0:
             raise FewshotError(f"k-NN monitor: k={k}, temperature={temperature}; use k ≥ 1 and a temperature > 0")
-        try:
-            images = open_source(source, require_labels=True)
-            subset = _Labeled(images)
-            store, skipped = decode_images(subset, img_size, progress)  # a bar from 500 images on
-        except FewshotError as exc:
-            raise FewshotError(f"--monitor {source}: {exc}") from None
-        bad = {s["path"] for s in skipped}
-        labels = torch.tensor([r.label for r in subset.records if r.name not in bad], dtype=torch.long)  # (N,)
+        decode = _decoder(img_size, crop_pct, interpolation)
+        store, labels, classes, skipped = _labelled(source, decode, progress, "--monitor")
         present = labels.unique().numel()
         if present < 2:
             raise FewshotError(
                 f"--monitor {source}: {len(labels)} readable labelled image(s) in {present} class(es); k-NN accuracy "
                 "needs at least 2 classes: pass an ImageFolder with one subfolder per class"
             )
-        notes = [f"skipped {len(skipped)} unreadable image(s)"] if skipped else []
-        if k > len(labels) - 1:
-            notes.append(f"k lowered from {k} to {len(labels) - 1} (only {len(labels)} images)")
-            k = len(labels) - 1
+        held_out = None
+        if test is not None:
+            t_store, t_labels, t_classes, t_skipped = _labelled(test, decode, progress, "pretrain.monitor_test")
+            index = {name: i for i, name in enumerate(classes)}
+            unknown = sorted({t_classes[c] for c in t_labels.tolist()} - set(index))
+            if unknown:
+                raise FewshotError(f"pretrain.monitor_test {test}: class(es) {', '.join(unknown)} not in --monitor")
+            held_out = (t_store, torch.tensor([index[t_classes[c]] for c in t_labels.tolist()], dtype=torch.long))
+            skipped += t_skipped
+        notes = [f"skipped {skipped} unreadable image(s)"] if skipped else []
+        most = len(labels) if test is not None else len(labels) - 1  # leave-one-out: the others only
+        if k > most:
+            notes.append(f"k lowered from {k} to {most} (only {len(labels)} images)")
+            k = most
         note = f"k-NN monitor on {source}: " + "; ".join(notes) if notes else ""
-        return cls(store, labels, images.classes, mean, std, k, temperature, pool, batch_size, note)
+        return cls(store, labels, classes, mean, std, k, temperature, pool, batch_size, note, held_out)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -132,26 +171,75 @@ class KnnMonitor:
     ) -> dict[str, float]:
         """``{"knn_top1": ...}`` for ``backbone`` (run in eval mode, no gradients; its modes are restored).
         ``autocast``: bf16 forward passes; None = on CUDA only, as :mod:`fewshot.features` extracts."""
-        from fewshot.features import embed
-
         use_bf16 = device.type == "cuda" if autocast is None else autocast
         modes = [(m, m.training) for m in backbone.modules()]  # every submodule's own mode, not just the root's
         backbone.eval()
         try:
-            mean, std = self.mean.to(device), self.std.to(device)
-            chunks = []
             with torch.no_grad():
-                for start in range(0, len(self), self.batch_size):
-                    x = self.images[start : start + self.batch_size].to(device, non_blocking=True)  # (B, 3, S, S)
-                    x = (x.float() / 255 - mean) / std  # (B, 3, S, S) normalised
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        chunks.append(embed(backbone, x, self.pool).float())  # (B, D)
-                feats = torch.cat(chunks)  # (N, D)
-                preds = knn_vote(feats, self.labels, self.k, self.temperature, len(self.classes))  # (N,)
+                feats = self._embed(backbone, self.images, device, use_bf16)  # (N, D)
+                if self.test is None:
+                    preds = knn_vote(feats, self.labels, self.k, self.temperature, len(self.classes))  # (N,)
+                    truth = self.labels
+                else:
+                    queries = self._embed(backbone, self.test[0], device, use_bf16)  # (M, D)
+                    preds = knn_predict(feats, self.labels, queries, self.k, self.temperature, len(self.classes))
+                    truth = self.test[1]
         finally:
             for module, training in modes:
                 module.training = training
-        return {"knn_top1": float((preds.cpu() == self.labels).float().mean())}
+        return {"knn_top1": int((preds.cpu() == truth).sum()) / len(truth)}  # exact, as evaluate counts
+
+    def _embed(self, backbone: torch.nn.Module, images: torch.Tensor, device: torch.device, bf16: bool) -> torch.Tensor:
+        from fewshot.features import embed
+
+        mean, std = self.mean.to(device), self.std.to(device)
+        chunks = []
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start : start + self.batch_size].to(device, non_blocking=True)  # (B, 3, S, S) uint8
+            x = (x.float() / 255 - mean) / std  # (B, 3, S, S): as ToTensor + Normalize
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                chunks.append(embed(backbone, x, self.pool).float())  # (B, D)
+        return torch.cat(chunks)  # (N, D)
+
+
+def _decoder(img_size: int, crop_pct: float, interpolation: str) -> Any:
+    """timm's eval transform without its normalisation: PIL image -> (3, S, S) uint8."""
+    import timm.data
+
+    return timm.data.create_transform(
+        input_size=(3, img_size, img_size), interpolation=interpolation, crop_pct=crop_pct, is_training=False,
+        use_prefetcher=True,  # stops before ToTensor/Normalize: uint8 pixels, normalised per batch in __call__
+    )  # fmt: skip
+
+
+def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torch.Tensor, torch.Tensor, list, int]:
+    """The labelled images of ``source`` decoded once: ``(N, 3, S, S)`` uint8, labels (N,), classes, #skipped."""
+    import sys
+
+    from tqdm import tqdm
+
+    from fewshot.images import UnreadableImage
+    from fewshot.sources import open_source
+
+    try:
+        images = open_source(source, require_labels=True)
+    except FewshotError as exc:
+        raise FewshotError(f"{flag} {source}: {exc}") from None
+    subset = _Labeled(images)
+    kept: list[torch.Tensor] = []
+    labels: list[int] = []
+    skipped = 0
+    for i in tqdm(range(len(subset)), desc="decoding", unit="img", disable=not progress or len(subset) < 500,
+                  file=sys.stderr):  # fmt: skip
+        try:
+            kept.append(decode(subset.load(i)))  # (3, S, S) uint8
+        except (UnreadableImage, OSError):
+            skipped += 1
+            continue
+        labels.append(subset.records[i].label)
+    if not kept:
+        raise FewshotError(f"{flag} {source}: none of its labelled images could be read")
+    return torch.stack(kept), torch.tensor(labels, dtype=torch.long), list(images.classes), skipped
 
 
 class _Labeled:

@@ -9,7 +9,7 @@ resolved values are written to ``config.json`` under ``resolved``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fewshot.config_rules import (
     ConfigValueError,
@@ -28,16 +28,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with DINO's schedules: linear lr warm-up then cosine, cosine weight decay, per-parameter clipping."""
+    """AdamW with DINO's schedules: linear lr warm-up then cosine, cosine weight decay, per-parameter clipping.
 
-    lr: float = 5e-4  # at batch 256; the run uses lr × batch_size / 256 (linear scaling rule)
-    min_lr: float = 1e-6  # end of the cosine
+    ``None`` = the method's own value (:data:`METHOD_OPTIM`), filled in by :func:`resolve_optim` inside
+    ``fewshot.train.pretrain``, so the Python API and the CLI train a method with the same optimiser.
+    """
+
+    lr: float | None = None  # at batch 256; the run uses lr × batch_size / 256 (linear scaling rule)
+    min_lr: float | None = None  # end of the cosine
     warmup_steps: int | None = None  # linear lr warm-up; None: warmup_epochs, else 10 epochs capped at 10% of the run
     warmup_epochs: float | None = None  # used when warmup_steps is None (e.g. MAE's 40)
-    weight_decay: float = 0.04  # cosine from this ...
-    weight_decay_end: float = 0.4  # ... to this; biases and 1-D (norm) parameters never decay
-    clip_grad: float = 3.0  # max L2 norm of each parameter's gradient (DINO's clip_gradients); 0 disables
-    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float | None = None  # cosine from this ...
+    weight_decay_end: float | None = None  # ... to this; biases and 1-D (norm) parameters never decay
+    clip_grad: float | None = None  # max L2 norm of each parameter's gradient (DINO's clip_gradients); 0 disables
+    betas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check(self, lr=above(0), min_lr=at_least(0), warmup_steps=at_least(0), warmup_epochs=at_least(0),
@@ -45,14 +49,45 @@ class OptimConfig:
               betas=each(fraction(closed_high=False), length=2))  # fmt: skip
 
 
-# The optimiser each method starts from when the recipe, --set and flags leave a value unset (a layer between
-# the defaults above, which are DINO's, and the recipe): MAE's AdamW (He et al. 2022): base lr 1.5e-4 per 256
-# images, betas (0.9, 0.95), constant weight decay 0.05, no gradient clipping.
+# Each method's AdamW, the values an OptimConfig left at None takes: DINO (Caron et al. 2021, main_dino.py): lr 5e-4
+# per 256 images, weight decay cosine 0.04 -> 0.4, clipping 3.0, betas (0.9, 0.999); MAE (He et al. 2022): lr
+# 1.5e-4 per 256 images, betas (0.9, 0.95), constant weight decay 0.05, no gradient clipping.
 METHOD_OPTIM: dict[str, OptimConfig] = {
+    "dino": OptimConfig(
+        lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, betas=(0.9, 0.999)
+    ),
     "mae": OptimConfig(
         lr=1.5e-4, min_lr=0.0, weight_decay=0.05, weight_decay_end=0.05, clip_grad=0.0, betas=(0.9, 0.95)
     ),
 }
+
+
+def resolve_optim(method: str, optim: OptimConfig) -> OptimConfig:
+    """``optim`` with every value left at None taken from ``method``'s AdamW (:data:`METHOD_OPTIM`); the warm-up
+    stays None (derived from the run length by the loop)."""
+    own = METHOD_OPTIM.get(method, METHOD_OPTIM["dino"])
+    keep = ("warmup_steps", "warmup_epochs")
+    filled = {k: getattr(own, k) for k in vars(optim) if getattr(optim, k) is None and k not in keep}
+    return replace(optim, **filled)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Guarded adaptation of the weights ``--init`` starts from (:mod:`fewshot.adapt`): the new DINO head / MAE
+    decoder first trains alone on the frozen backbone, then the backbone trains at a lower, layer-wise decayed
+    learning rate. ``None`` = derived: the guard with ``--init``, nothing (plain training) without."""
+
+    head_warmup_steps: int | None = None  # backbone frozen for the first steps; None: 10% of the run with --init, or 0
+    backbone_lr_scale: float = 1.0  # backbone lr = lr × this (× layer decay); 0.1 held the start but barely moved it in
+    # benchmarks/adapt.py, so by default layer decay alone lowers the backbone's rate
+    layer_decay: float | None = None  # block i of D: × decay^(D - i) (BEiT/MAE); None: 0.75 with --init, else 1
+    backbone_warmup_steps: int | None = None  # the backbone's lr ramps from 0 over these steps after the warm-up;
+    # None: as long as the lr warm-up (optim.warmup_steps) with --init, else 0
+    warn_margin: float = 0.02  # warn when the monitored k-NN top-1 falls this far (absolute) below the start
+
+    def __post_init__(self) -> None:
+        check(self, head_warmup_steps=at_least(0), backbone_lr_scale=above(0), layer_decay=(
+            lambda v: 0 < v <= 1, "in (0, 1]"), backbone_warmup_steps=at_least(0), warn_margin=at_least(0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,7 +107,8 @@ class DinoConfig:
     warmup_teacher_temp: float = 0.04  # linear warm-up start
     warmup_teacher_temp_steps: int | None = None  # None: 30 epochs, at most 30% of the run
     center_momentum: float = 0.9
-    momentum_teacher: float | None = None  # EMA start, cosine to 1; None: 1 - 20/steps clamped to [0.99, 0.996]
+    momentum_teacher: float | None = None  # EMA start, cosine to 1; None: 1 - 20/T in [0.99, 0.996] (T steps),
+    # with --init 1 - 5/T in [0.996, 0.9995]: the teacher starts good, so it moves slowly
     # multi-crop (scales are fractions of the stored image's area)
     global_crop_scale: tuple[float, ...] = (0.4, 1.0)
     local_crops: int = 8
@@ -135,11 +171,11 @@ class PretrainConfig:
     """What ``fewshot pretrain`` trains, for how long, and where."""
 
     method: str = "dino"  # a key of fewshot.methods.METHODS: dino | mae
-    model: str = "vit_small_patch16_224"  # timm architecture, built with num_classes=0
-    img_size: int = 224  # global crop size (= the exported backbone's input size)
-    patch_size: int | None = None  # None: the architecture's own
-    depth: int | None = None  # None: the architecture's own
-    init: str | None = None  # start from these weights (a .safetensors/.pth file or a run folder); None: random
+    model: str | None = None  # timm architecture (num_classes=0); None: the init's, else vit_small_patch16_224
+    img_size: int | None = None  # global crop size (= the exported backbone's input); None: the init's, else 224
+    patch_size: int | None = None  # None: the init's, else the architecture's own
+    depth: int | None = None  # None: the init's, else the architecture's own
+    init: str | None = None  # start from these weights: any backbone spec (hf-hub:, run folder, file); None: random
     epochs: int = 100
     steps: int | None = None  # total optimiser steps; overrides epochs when set
     batch_size: int = 64  # images per step, over all processes under torchrun (each gives 2 global + L local views)
@@ -148,14 +184,18 @@ class PretrainConfig:
     compile: bool = False  # torch.compile the ViT blocks (worth it on GPUs for long runs; the first steps compile)
     seed: int = 0
     store_size: int | None = None  # side of the decoded square images kept in memory; None: img_size × 8/7
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    monitor: str | None = None  # labelled images: k-NN top-1 of the exported backbone logged every epoch
+    mean: tuple[float, ...] | None = None  # input normalisation; None: the init's, else ImageNet's
+    std: tuple[float, ...] | None = None
+    monitor: str | None = None  # labelled images: k-NN top-1 of the exported backbone at step 0 and every epoch
+    monitor_test: str | None = None  # score these labelled images against --monitor's (evaluate's full-label k-NN)
+    # instead of leave-one-out; best.safetensors is then chosen on them, so do not report them as held out
+    monitor_pool: str | None = None  # token pooling of the monitor; None: the method's (DINO cls, MAE avg)
     log_every: int = 10  # steps between metrics.jsonl lines (and the only host syncs on CUDA)
     checkpoint_every: int = 1  # epochs between checkpoints (one is always written at the end)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self) -> None:
         from fewshot.methods import METHODS  # names only: imports nothing heavy
@@ -164,5 +204,10 @@ class PretrainConfig:
               epochs=at_least(1), steps=at_least(1), batch_size=at_least(1), precision=one_of("auto", "fp32", "bf16"),
               store_size=at_least(1), mean=each(fraction(), length=3), std=each(above(0), length=3),
               log_every=at_least(1), checkpoint_every=at_least(1))  # fmt: skip
-        if self.patch_size is not None and self.img_size % self.patch_size:
+        if self.patch_size is not None and self.img_size is not None and self.img_size % self.patch_size:
             raise ConfigValueError("img_size", self.img_size, f"a multiple of patch_size {self.patch_size}")
+
+
+def scratch_architecture(cfg: PretrainConfig) -> tuple[str, int]:
+    """The architecture and image size of a run without ``--init`` that leaves them unset (today's defaults)."""
+    return cfg.model or "vit_small_patch16_224", cfg.img_size or 224

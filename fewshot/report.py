@@ -44,6 +44,11 @@ def few_seeds_note(seeds: int) -> str:
 
 
 
+def _points(r: dict) -> str:
+    """A paired difference in points: ``+3.1 ± 1.2``, starred when the interval excludes 0."""
+    return f"{100 * r['mean']:+.1f} ± {100 * r['ci95']:.1f}" + (" *" if r["significant"] else "")
+
+
 def _cell(text: object) -> str:
     """Markdown table cell: pipes escaped so a class name or path cannot break the table."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -97,6 +102,19 @@ def markdown(report: dict) -> str:
             for r in report["full_knn"]
         ]
         lines += [*_table(["backbone", "labels", "accuracy (%)", "balanced accuracy (%)"], rows), ""]
+    if report.get("vs_init"):
+        lines += [
+            "## Each run against the weights it started from (--init)",
+            "",
+            "Paired over the same supports: mean of (run − init) accuracy, in points, ± 95% t-interval; wins / losses "
+            "count the supports.",
+            "",
+        ]
+        rows = [
+            [r["backbone"], r["init"], r["head"], str(r["shots"]), _points(r), f"{r['wins']} / {r['losses']}"]
+            for r in report["vs_init"]
+        ]
+        lines += [*_table(["run", "init", "head", "shots", "run − init (points)", "wins / losses"], rows), ""]
     best = report["best"]
     if best:
         lines += [

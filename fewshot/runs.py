@@ -11,6 +11,7 @@
                                    newest readable one, so a damaged newest falls back to the one before
     RUN/.lock                      held (flock) by the one process writing the run; holds its pid
     RUN/backbone.safetensors       the exported backbone (DINO: the teacher's), loadable by timm (see save_backbone)
+    RUN/best.safetensors           with --monitor: the exported backbone at the best monitored step (step 0 included)
     RUN/tensorboard/               event files, when tensorboard is installed
 
 Files are written to a temporary name, fsynced and moved into place with ``os.replace`` (then the folder is
@@ -47,6 +48,7 @@ class RunFolder:
         self.metrics = self.root / "metrics.jsonl"
         self.checkpoint = self.root / "checkpoint.safetensors"
         self.backbone = self.root / "backbone.safetensors"
+        self.best = self.root / "best.safetensors"
         self.tensorboard = self.root / "tensorboard"
         self.lockfile = self.root / ".lock"
 
@@ -211,9 +213,12 @@ def save_backbone(
     std: tuple[float, ...],
     img_size: int,
     extra: dict[str, Any] | None = None,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
 ) -> None:
     """The backbone's state dict with metadata (each value JSON): ``architecture``, ``model_kwargs``, ``mean``,
-    ``std``, ``img_size``, ``crop_pct``, ``interpolation`` (+ ``extra``).
+    ``std``, ``img_size``, ``crop_pct``, ``interpolation`` (+ ``extra``). ``crop_pct`` 1.0 (the default): training
+    saw whole (centre-cropped square) images, not a 0.875 crop; a run from ``--init`` keeps the init's.
 
     Loads with plain timm: ``timm.create_model(architecture, pretrained=True, num_classes=0,
     pretrained_cfg_overlay=dict(file=path), **model_kwargs)``, or with ``fewshot`` as a backbone spec.
@@ -225,8 +230,8 @@ def save_backbone(
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
         "img_size": json.dumps(img_size),
-        "crop_pct": json.dumps(1.0),  # training saw whole (centre-cropped square) images, not a 0.875 crop
-        "interpolation": json.dumps("bicubic"),
+        "crop_pct": json.dumps(crop_pct),
+        "interpolation": json.dumps(interpolation),
     }
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     _save_tensors(path, dict(backbone.state_dict()), meta)

@@ -2,7 +2,9 @@
 :mod:`fewshot.methods` (DINO, Caron et al. 2021; MAE, He et al. 2022): AdamW with DINO's schedules (lr linear
 warm-up then cosine, cosine weight decay, per-parameter gradient clipping), the method's hooks, a resumable run
 folder (:mod:`fewshot.runs`), a progress bar, a guard against a non-finite loss, and data parallelism under
-torchrun (:mod:`fewshot.distributed`).
+torchrun (:mod:`fewshot.distributed`). A run may start from any backbone spec (``--init``, :mod:`fewshot.inits`);
+the guard of :mod:`fewshot.adapt` then keeps it from destroying those weights, and with ``--monitor`` the k-NN
+accuracy is accounted from the start (:mod:`fewshot.start_point`).
 
 Images are decoded once into memory (:mod:`fewshot.store`) as a ``(N, 3, S, S)`` uint8 tensor and each step
 augments a whole batch with tensor ops on the training device.
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fewshot import distributed
+from fewshot import adapt, distributed
 from fewshot.config import from_dict, save_config, to_dict
 from fewshot.errors import FewshotError
 from fewshot.methods import get_method
@@ -27,12 +29,14 @@ from fewshot.methods.base import Method, RunPlan
 from fewshot.pretrain_config import PretrainConfig
 from fewshot.runs import RunFolder, load_run_checkpoint, restore_rng, save_backbone, save_run_checkpoint
 from fewshot.schedules import capped_steps, cosine
+from fewshot.start_point import StartPoint
 from fewshot.store import check_memory, decode_images, place
 
 __all__ = ["decode_images", "load_run_config", "pretrain"]  # decode_images: where users found it before
 
 # settings that may change when a run is resumed; anything else must match the run's config.json
-RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "log_every", "checkpoint_every")
+RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test", "monitor_pool", "log_every",
+                     "checkpoint_every", "adapt.warn_margin")  # fmt: skip
 
 
 def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -40,25 +44,30 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
 
     ``images``: an object with ``__len__`` and ``load(i) -> PIL.Image`` (a :class:`fewshot.sources.ImageSet`),
     a sequence of objects with ``.load()``, a sequence of PIL images, or a ``(N, 3, H, W)`` uint8 tensor.
-    ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section). Returns a summary dict
-    (``backbone`` path, ``steps``, final logs). Raises :class:`FewshotError` for bad input or a diverged run.
+    ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section); values it leaves unset are
+    resolved here, the same for the Python API and the CLI (:func:`fewshot.inits.resolve_pretrain`: the method's
+    optimiser, the init's architecture and normalisation). Returns a summary dict (``backbone`` path, ``steps``,
+    final logs, ``monitor``: start/best/end). Raises :class:`FewshotError` for bad input or a diverged run.
     Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
     """
-    cfg = getattr(cfg, "pretrain", cfg)
+    from fewshot.inits import resolve_pretrain
+
+    cfg, init = resolve_pretrain(getattr(cfg, "pretrain", cfg))
     device, autocast = _device(cfg)
     ranks = distributed.setup(device)
     device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK
     run = RunFolder(Path(out))
     if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
-        return _pretrain(images, cfg, run, progress=False, device=device, autocast=autocast, ranks=ranks)
+        return _pretrain(images, cfg, init, run, progress=False, device=device, autocast=autocast, ranks=ranks)
     run.create()
     with run.lock():  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, run, progress, device, autocast, ranks)
+        return _pretrain(images, cfg, init, run, progress, device, autocast, ranks)
 
 
 def _pretrain(
     images: Any,
     cfg: PretrainConfig,
+    init: Any,
     run: RunFolder,
     progress: bool,
     device: torch.device,
@@ -66,6 +75,8 @@ def _pretrain(
     ranks: distributed.Dist,
 ) -> dict[str, Any]:
     out = run.root
+    assert cfg.img_size is not None  # resolved (fewshot.inits.resolve_pretrain), as every optim value
+    o: Any = cfg.optim
     resume = run.has_checkpoint()
     if resume:
         _check_resumable(run, cfg)
@@ -74,7 +85,7 @@ def _pretrain(
             f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
             f"use a multiple of {ranks.world}"
         )
-    monitor = _monitor(cfg, progress) if ranks.main else None  # before training: a bad --monitor fails at once
+    monitor = _monitor(cfg, init, progress) if ranks.main else None  # before training: a bad --monitor fails at once
     store_size = cfg.store_size or math.ceil(cfg.img_size * 8 / 7)
     check_memory(len(images), store_size)
     store, skipped = decode_images(images, store_size, progress)
@@ -89,13 +100,14 @@ def _pretrain(
     total = cfg.steps or cfg.epochs * per_epoch
     plan = RunPlan(n, cfg.batch_size, per_epoch, total)
     torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
-    method: Method = get_method(cfg.method).build(cfg, plan)
+    method: Method = get_method(cfg.method).build(cfg, plan, init)
     method.to(device)
-    opt = _optimizer(method, cfg, device)
     warmup = _warmup_steps(cfg.optim, per_epoch, total)
-    lr = cosine(cfg.optim.lr * cfg.batch_size / 256, cfg.optim.min_lr, total, warmup)  # the global batch
-    wd = cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
-    resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **method.resolved()}
+    guard = adapt.resolve(cfg.adapt, init is not None, total, warmup)
+    opt = _optimizer(method, cfg, device, adapt.lr_scales(method, guard))
+    lr = cosine(o.lr * cfg.batch_size / 256, o.min_lr, total, warmup)  # the global batch
+    wd = cosine(o.weight_decay, o.weight_decay_end, total)
+    resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **vars(guard), **method.resolved()}
     start = 0
     if resume:
         model_state, opt_state, rng, state, path = load_run_checkpoint(run)
@@ -117,31 +129,50 @@ def _pretrain(
     if ranks.main:
         save_config(
             cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved,
-            processes=ranks.world,
+            processes=ranks.world, init=init.record() if init is not None else None,
         )  # fmt: skip
-        if getattr(method, "init_report", ""):
+        if method.init_report:
             tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
-    loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor)
+        if adapt.describe(guard) and progress:
+            tqdm.write(adapt.describe(guard), file=sys.stderr)
+    record = init.record() if init is not None else None
+    loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor, guard, record)
     return loop.run(start)
 
 
 class _Loop:
-    def __init__(self, cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor):
+    def __init__(
+        self, cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor, guard, init
+    ):
         self.cfg, self.folder, self.method, self.opt, self.store, self.plan = cfg, run, method, opt, store, plan
         self.lr, self.wd, self.device, self.autocast, self.progress = lr, wd, device, autocast, progress
         self.ranks: distributed.Dist = ranks
         self.monitor = monitor
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.writer = _tensorboard(run.tensorboard) if ranks.main else None
+        self.guard = adapt.Guard(method, guard)
+        self.init: dict[str, Any] | None = init  # what the run records of its --init weights
+        self.start_point = StartPoint(run.best, cfg.adapt.warn_margin, self.guard.advice, self._export)
+        if ranks.world > 1 and _has_batchnorm(method):
+            if device.type != "cuda":
+                raise FewshotError(
+                    "this backbone has BatchNorm, whose statistics several processes must share (SyncBatchNorm, "
+                    "as DINO does), and PyTorch syncs them on GPUs only; train it in one process or on GPUs"
+                )
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # in place below the root; same parameters
         if cfg.compile:
             method.compile_blocks()
         self.model: torch.nn.Module = method
-        if ranks.world > 1:  # gradients all-reduced (averaged) by DDP during backward
+
+    def _wrap(self) -> None:
+        """Under torchrun: DistributedDataParallel over the parameters that train now (rebuilt when the guard
+        freezes or unfreezes the backbone; DDP registers the trainable parameters when it is built)."""
+        if self.ranks.world > 1:  # gradients all-reduced (averaged) by DDP during backward
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index] if device.type == "cuda" else None
+            ids = [self.device.index] if self.device.type == "cuda" else None
             # the method's own buffers (DINO's centre) are averaged by the method; no broadcast each forward
-            self.model = DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
+            self.model = DistributedDataParallel(self.method, device_ids=ids, broadcast_buffers=False)
 
     def run(self, start: int) -> dict[str, Any]:
         cfg, plan, method = self.cfg, self.plan, self.method
@@ -153,6 +184,10 @@ class _Loop:
         rows = ranks.rows(b)  # this process's rows of every global batch
         bar = tqdm(total=total, initial=start, unit="step", desc=cfg.method, disable=not self.progress, file=sys.stderr)
         method.train()
+        self.guard.apply(start)  # the head warm-up freezes the backbone before DDP registers what trains
+        self._wrap()
+        if main and self.monitor is not None:
+            self._start(start, bar)
         acc: dict[str, torch.Tensor] = {}
         epoch_acc: dict[str, float] = {}
         n_acc = n_epoch = 0
@@ -170,8 +205,10 @@ class _Loop:
             gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentations are a function of (seed, step): resumable
             # the global RNG (drop path): a function of (seed, step, rank), so resumable and different per rank
             torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + ranks.rank + 1)
+            if self.guard.apply(step):  # the head warm-up ends here
+                self._wrap()
             for group in self.opt.param_groups:
-                group["lr"] = self.lr[step]
+                group["lr"] = self.lr[step] * self.guard.lr_factor(group, step)
                 group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
             batch = method.augment(images, gen, rows, b)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -218,13 +255,14 @@ class _Loop:
                 epoch_acc, n_epoch, t_epoch = {}, 0, now
                 if main:  # the other ranks wait for it at the next step's all-reduce
                     warnings = method.diagnose({**ep, "step": done})
-                    for w in warnings:
-                        tqdm.write(f"warning: {w}", file=sys.stderr)
                     record = {"kind": "epoch", "step": done, "epoch": epoch, **self._sched(step), **ep}
-                    record["warnings"] = warnings
                     if self.monitor is not None:
                         record.update(self.monitor(method.export_backbone(), self.device, self.autocast))
                         bar.write(f"epoch {epoch + 1}: k-NN top-1 {record['knn_top1']:.3f}", file=sys.stderr)
+                        warnings += self.start_point.observe(done, record["knn_top1"], self.cfg.monitor)
+                    for w in warnings:
+                        tqdm.write(f"warning: {w}", file=sys.stderr)
+                    record["warnings"] = warnings
                     self.folder.append_metrics(record)
                     self._tensorboard(record, done, "epoch")
                     method.on_epoch_end(epoch, self.folder.root, self.store, done == total)
@@ -233,6 +271,17 @@ class _Loop:
         bar.close()
         distributed.barrier()  # every process returns once rank 0 has written the final files
         return self._summary(logs, start, time.perf_counter() - t_start)
+
+    def _start(self, start: int, bar: Any) -> None:
+        """Step 0 of a new run: the monitored accuracy of the starting backbone; a resumed run picks it up."""
+        if start > 0:
+            self.start_point.resume(self.folder.read_metrics(), self.cfg.monitor)
+            return
+        acc = self.monitor(self.method.export_backbone(), self.device, self.autocast)["knn_top1"]
+        self.start_point.observe(0, acc, self.cfg.monitor)
+        what = "the --init weights" if self.init else "the random initialisation"
+        bar.write(f"step 0 ({what}): k-NN top-1 {acc:.3f}", file=sys.stderr)
+        self.folder.append_metrics({"kind": "start", "step": 0, "knn_top1": acc, "monitor": self.cfg.monitor})
 
     def _mean_logs(self, acc: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         """The logged values averaged over the steps since the last log and over the ranks (one all-reduce)."""
@@ -256,14 +305,22 @@ class _Loop:
             )
 
     def _save(self, done: int) -> None:
-        m = self.method
-        extra = {"method": self.cfg.method, "step": done, "total_steps": self.plan.total_steps}
         # the backbone first: a run killed between the two resumes from the previous checkpoint and rewrites it,
         # whereas a final checkpoint written first would make the resume skip a backbone that was never saved
-        save_backbone(self.folder.backbone, m.export_backbone(), m.architecture, m.model_kwargs, self.cfg.mean,
-                      self.cfg.std, self.cfg.img_size, extra)  # fmt: skip
+        self._export(self.folder.backbone, {"step": done})
         state = {"step": done, "n_images": self.plan.n_images, "total_steps": self.plan.total_steps}
-        save_run_checkpoint(self.folder, m, self.opt, state)
+        save_run_checkpoint(self.folder, self.method, self.opt, state)
+
+    def _export(self, path: Path, extra: dict[str, Any]) -> None:
+        """The exported backbone with its metadata: architecture, normalisation and eval transform, the init."""
+        from fewshot.inits import eval_transform
+
+        m = self.method
+        meta = {"method": self.cfg.method, "total_steps": self.plan.total_steps, **extra}
+        if self.init is not None:
+            meta |= {"init": self.init["spec"], "init_sha256": self.init["sha256"]}
+        save_backbone(path, m.export_backbone(), m.architecture, m.model_kwargs, self.cfg.mean, self.cfg.std,
+                      self.cfg.img_size, meta, **eval_transform(self.init and self.init["data"]))  # fmt: skip
 
     def _tensorboard(self, record: dict[str, Any], step: int, group: str = "pretrain") -> None:
         if self.writer is not None:
@@ -282,18 +339,29 @@ class _Loop:
             line += f"; last loss {logs['loss']:.4f} ({extra})"
         else:
             line += f"; already finished (resumed at step {start})"
+        if self.start_point.summary():
+            line += f"; {self.start_point.summary()}"
         if self.ranks.main:
             tqdm.write(f"{line}; backbone → {self.folder.backbone}", file=sys.stderr)
-        return {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
+            for w in self.start_point.final_warnings():
+                tqdm.write(f"warning: {w}", file=sys.stderr)
+        summary = {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
+        return summary | ({"monitor": self.start_point.as_dict()} if self.monitor is not None else {})
 
 
-def _monitor(cfg: PretrainConfig, progress: bool) -> Any:
-    """The k-NN monitor of ``--monitor`` (images decoded once, now), or None."""
+def _monitor(cfg: PretrainConfig, init: Any, progress: bool) -> Any:
+    """The k-NN monitor of ``--monitor`` (images decoded once, now, as evaluate decodes them), or None."""
     if cfg.monitor is None:
+        if cfg.monitor_test is not None:
+            raise FewshotError("pretrain.monitor_test is scored against --monitor's labelled images; pass --monitor")
         return None
+    from fewshot.inits import eval_transform
     from fewshot.monitor import KnnMonitor
 
-    monitor = KnnMonitor.from_source(cfg.monitor, cfg.img_size, cfg.mean, cfg.std, progress=progress)
+    assert cfg.img_size is not None and cfg.mean is not None and cfg.std is not None  # resolved
+    pool = cfg.monitor_pool or get_method(cfg.method).feature_pool
+    monitor = KnnMonitor.from_source(cfg.monitor, cfg.img_size, cfg.mean, cfg.std, pool=pool, progress=progress,
+                                     test=cfg.monitor_test, **eval_transform(init and init.data))  # fmt: skip
     if monitor.note:
         tqdm.write(f"--monitor: {monitor.note}", file=sys.stderr)
     return monitor
@@ -318,9 +386,15 @@ def _device(cfg: PretrainConfig) -> tuple[torch.device, bool]:
     return device, device.type == "cuda" and cfg.precision != "fp32"
 
 
-def _optimizer(method: Method, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = [g for g in method.param_groups() if g["params"]]
-    betas = tuple(cfg.optim.betas)  # two values (config_rules)
+def _has_batchnorm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _optimizer(
+    method: Method, cfg: PretrainConfig, device: torch.device, lr_scales: dict[str, float]
+) -> torch.optim.Optimizer:
+    groups = [g for g in method.param_groups(lr_scales) if g["params"]]
+    betas = tuple(cfg.optim.betas or ())  # resolved: two values (config_rules)
     # lr and weight decay are set from the schedules before every step; the fused kernel is ~10× faster than
     # foreach on CPU (and than the for-loop default, ~100×)
     try:

@@ -41,3 +41,25 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     train = write_digits_folder(base / "train", per_class=10)
     test = write_digits_folder(base / "test", per_class=6, offset=10)
     return train, test
+
+
+def write_hub_repo(home: Path, repo: str, model_args: dict, pretrained_cfg: dict, seed: int = 3) -> dict:
+    """A timm model laid out as a Hugging Face hub repository in the local cache under ``home`` (``HF_HOME``), so
+    ``hf-hub:REPO`` loads with ``HF_HUB_OFFLINE=1``; returns its state dict. The architecture is ViT-tiny."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(seed)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, **model_args)
+    save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": model_args}
+    (snapshot / "config.json").write_text(json.dumps({**config, "pretrained_cfg": pretrained_cfg}))
+    return source.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,12 @@ def test_precedence_defaults_recipe_set_flags(tmp_path: Path) -> None:
 
 
 def test_the_method_brings_its_optimiser_defaults_below_recipe_set_and_flags(tmp_path: Path) -> None:
-    mae = build_config(flags={"pretrain.method": "mae"}).pretrain.optim
+    from fewshot.pretrain_config import METHOD_OPTIM, resolve_optim
+
+    def optim(cfg: Config) -> Any:
+        return resolve_optim(cfg.pretrain.method, cfg.pretrain.optim)
+
+    mae = optim(build_config(flags={"pretrain.method": "mae"}))
     assert (mae.lr, mae.betas, mae.weight_decay, mae.weight_decay_end, mae.clip_grad) == (
         1.5e-4,
         (0.9, 0.95),
@@ -38,10 +44,12 @@ def test_the_method_brings_its_optimiser_defaults_below_recipe_set_and_flags(tmp
         0.05,
         0,
     )
-    assert build_config(flags={"pretrain.method": "dino"}).pretrain.optim == Config().pretrain.optim
+    assert optim(build_config(flags={"pretrain.method": "dino"})) == METHOD_OPTIM["dino"] == optim(Config())
+    assert METHOD_OPTIM["dino"].lr == 5e-4 and METHOD_OPTIM["dino"].weight_decay_end == 0.4
     recipe = write(tmp_path / "r.toml", '[pretrain]\nmethod = "mae"\n[pretrain.optim]\nlr = 1e-3\n')
-    cfg = build_config(recipe, ["pretrain.optim.clip_grad=1.0"]).pretrain.optim
+    cfg = optim(build_config(recipe, ["pretrain.optim.clip_grad=1.0"]))
     assert (cfg.lr, cfg.clip_grad, cfg.betas) == (1e-3, 1.0, (0.9, 0.95))  # recipe and --set win; the rest is MAE's
+    assert cfg.warmup_steps is None and cfg.warmup_epochs is None  # derived from the run length by the loop
 
 
 def test_flags_that_are_none_are_ignored() -> None:

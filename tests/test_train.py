@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fewshot.errors import FewshotError
+from fewshot.inits import resolve_pretrain
 from fewshot.methods.dino import DINO
-from fewshot.pretrain_config import DinoConfig, PretrainConfig
+from fewshot.pretrain_config import IMAGENET_MEAN, IMAGENET_STD, DinoConfig, PretrainConfig
 from fewshot.train import load_run_config, pretrain
 
 KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "depth": 2}
@@ -44,7 +45,8 @@ def test_run_folder_has_config_metrics_checkpoint_and_backbone(finished: Path) -
     saved = json.loads((finished / "config.json").read_text())
     assert saved["n_images"] == 8 and saved["plan"]["total_steps"] == 4
     assert saved["resolved"]["out_dim"] == 64
-    assert load_run_config(finished) == CFG
+    assert load_run_config(finished) == resolve_pretrain(CFG)[0]  # saved with the values the library derived
+    assert load_run_config(finished).optim.lr == 5e-4 and load_run_config(finished).mean == IMAGENET_MEAN
     lines = [json.loads(ln) for ln in (finished / "metrics.jsonl").read_text().splitlines()]
     steps = [ln for ln in lines if ln["kind"] == "step"]
     assert [ln["step"] for ln in steps] == [1, 2, 3, 4]
@@ -187,7 +189,7 @@ def test_recipes_set_only_known_pretrain_keys(recipe: Path) -> None:
     table = load_recipe(recipe)
     assert set(table) == {"pretrain"}
     cfg = apply(PretrainConfig(), table["pretrain"], source=f"recipe {recipe.name}")
-    assert cfg.method == "dino" and cfg.img_size % (cfg.patch_size or 16) == 0
+    assert cfg.method == "dino" and (cfg.img_size or 224) % (cfg.patch_size or 16) == 0  # None: from --init
 
 
 def test_warmup_is_steps_else_epochs_else_ten_epochs_capped_at_a_tenth() -> None:
@@ -213,8 +215,8 @@ def test_monitor_logs_the_knn_accuracy_of_the_backbone_every_epoch(
     assert len(accuracies) == 2
     # the last one is the k-NN accuracy of the saved backbone (DINO: the teacher)
     final = load_backbone(str(tmp_path / "run")).model
-    expected = KnnMonitor.from_source(str(digits[0]), 32, cfg.mean, cfg.std, progress=False)(final, torch.device("cpu"))
-    assert accuracies[-1] == pytest.approx(expected["knn_top1"])
+    mon = KnnMonitor.from_source(str(digits[0]), 32, IMAGENET_MEAN, IMAGENET_STD, progress=False)
+    assert accuracies[-1] == pytest.approx(mon(final, torch.device("cpu"))["knn_top1"])
 
 
 def test_a_bad_monitor_folder_fails_before_training(images: torch.Tensor, tmp_path: Path) -> None:

@@ -4,11 +4,12 @@ the hooks below.
 
 A step of the loop, for a method ``m``::
 
+    (the guard of fewshot.adapt freezes m.backbone_modules() for the head warm-up steps)
     batch = m.augment(images_uint8, generator, rows, global_batch)  # (b, 3, S, S) uint8 -> model inputs
     logs = m(batch, step)                              # {"loss": scalar with grad, other scalars detached}
     logs["loss"].backward()
     clip each parameter's gradient (optim.clip_grad), then m.before_optimizer_step(step)
-    optimizer.step()                                   # lr / weight decay of each group set from the schedules
+    optimizer.step()                                   # lr × the group's lr_scale, weight decay from the schedules
     m.after_step(step)                                 # e.g. the EMA teacher update
     at each epoch end: m.diagnose(epoch-averaged logs) -> warnings; m.on_epoch_end(epoch, run_dir, images, final)
 
@@ -41,11 +42,26 @@ class Method(nn.Module):
     #: timm architecture and keyword arguments of the exported backbone (written into backbone.safetensors)
     architecture: str = ""
     model_kwargs: dict[str, Any]
+    #: the token pooling that reads this method's frozen features best (the k-NN monitor's default)
+    feature_pool: str = "cls"
+    #: missing / unexpected keys of the --init weights ('' when none or no init)
+    init_report: str = ""
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan) -> Method:
-        """Construct the method from a :class:`fewshot.pretrain_config.PretrainConfig` and the run plan."""
+    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> Method:
+        """Construct the method from a resolved :class:`fewshot.pretrain_config.PretrainConfig`, the run plan and
+        the ``--init`` weights (a :class:`fewshot.inits.InitWeights`, or None: random initialisation)."""
         raise NotImplementedError
+
+    def backbone_modules(self) -> dict[str, nn.Module]:
+        """The modules that start from ``--init``, keyed by their parameter-name prefix (e.g. ``"encoder"``): the
+        guard (:mod:`fewshot.adapt`) freezes them during the head warm-up and trains their parameters at the
+        backbone's learning-rate scale with layer-wise decay. An EMA teacher's copy belongs here too (frozen alike)."""
+        raise NotImplementedError
+
+    def guard_advice(self) -> str:
+        """Method settings that keep an init from being destroyed, named for the start-point warning ('' if none)."""
+        return ""
 
     def augment(
         self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
@@ -62,16 +78,22 @@ class Method(nn.Module):
         """Return ``{"loss": ..., <name>: scalar tensor, ...}``; logs other than the loss are detached."""
         raise NotImplementedError
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters in groups; a group with ``"apply_wd": False`` never gets weight decay."""
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
+    def param_groups(self, lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """Trainable parameters in groups. A group with ``"apply_wd": False`` never gets weight decay; the loop
+        multiplies the scheduled lr by its ``"lr_scale"`` (``lr_scales`` by parameter name, 1 for the rest);
+        ``"backbone"`` marks the groups of parameters named in ``lr_scales``."""
+        lr_scales = lr_scales or {}
+        groups: dict[tuple[bool, float | None], dict[str, Any]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             # DINO's get_params_groups: biases and 1-D parameters (norms) are not regularised
-            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-        return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
+            wd = not (name.endswith(".bias") or p.ndim <= 1)
+            scale = lr_scales.get(name)
+            lr_scale = 1.0 if scale is None else scale
+            new = {"params": [], "apply_wd": wd, "lr_scale": lr_scale, "backbone": scale is not None}
+            groups.setdefault((wd, scale), new)["params"].append(p)
+        return list(groups.values())
 
     def before_optimizer_step(self, step: int) -> None:
         """Hook after gradient clipping, before ``optimizer.step()`` (e.g. freeze a layer by dropping its grads)."""
@@ -108,17 +130,20 @@ class Method(nn.Module):
         return {}
 
 
-def create_vit(cfg: Any, drop_path_rate: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """The timm backbone of ``cfg`` (a PretrainConfig) and the kwargs that rebuild it (for the export metadata).
+def create_vit(cfg: Any, drop_path_rate: float = 0.0, init: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm backbone of ``cfg`` (a resolved PretrainConfig) and the kwargs that rebuild it (for the export
+    metadata); with ``init`` (:class:`fewshot.inits.InitWeights`) also the init's own timm kwargs.
 
     Built with ``num_classes=0`` and, where the architecture supports it, ``dynamic_img_size=True`` so that the
     same weights take global and local crops of different sizes (position embeddings are interpolated).
+    Architectures without an ``img_size`` (CNNs) take any size anyway.
     """
     import timm
 
     from fewshot.errors import FewshotError
 
-    kwargs: dict[str, Any] = {"img_size": cfg.img_size}
+    kwargs: dict[str, Any] = dict(init.model_kwargs) if init is not None else {}
+    kwargs["img_size"] = cfg.img_size
     if cfg.patch_size is not None:
         kwargs["patch_size"] = cfg.patch_size
     if cfg.depth is not None:
@@ -126,36 +151,42 @@ def create_vit(cfg: Any, drop_path_rate: float = 0.0) -> tuple[nn.Module, dict[s
     if not timm.is_model(cfg.model):
         raise FewshotError(f"'{cfg.model}' is not a timm architecture; pass e.g. --model vit_small_patch16_224")
     extra: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
-    try:
+    tries = [{**kwargs, "dynamic_img_size": True}, kwargs, {k: v for k, v in kwargs.items() if k != "img_size"}]
+    for i, args in enumerate(tries):
         try:
-            model = timm.create_model(cfg.model, pretrained=False, dynamic_img_size=True, **extra, **kwargs)
-        except TypeError:  # architectures without dynamic_img_size (e.g. CNNs) take any size anyway
-            model = timm.create_model(cfg.model, pretrained=False, **extra, **kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs} ({exc}); check --img-size etc.") from None
+            model = timm.create_model(cfg.model, pretrained=False, **extra, **args)
+            break
+        except TypeError:  # no dynamic_img_size (e.g. CNNs), then no img_size: try the next
+            if i == len(tries) - 1:
+                raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs}; check --img-size etc.") from None
+        except (ValueError, RuntimeError, AssertionError) as exc:
+            raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs} ({exc}); check --img-size etc") from None
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None and cfg.img_size % int(patch[0]):
         raise FewshotError(
             f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {int(patch[0])}; "
             f"use e.g. --img-size {max(1, round(cfg.img_size / int(patch[0]))) * int(patch[0])} or set --patch-size"
         )
-    return model, kwargs
+    return model, {k: v for k, v in args.items() if k != "dynamic_img_size"}
 
 
-def load_init(model: nn.Module, init: str) -> str:
-    """Load starting weights (a weights file or a ``fewshot pretrain`` run folder) into ``model``; report line."""
-    from pathlib import Path
+def prepare(cfg: Any, init: Any) -> tuple[Any, Any]:
+    """``(cfg, init)`` ready to build from: as given when ``init`` is, else ``cfg`` resolved here (method optimiser,
+    architecture and normalisation; its ``--init`` loaded), as :func:`fewshot.train.pretrain` does."""
+    if init is not None:
+        return cfg, init
+    from fewshot.inits import resolve_pretrain
 
-    from fewshot.backbones import load_state, read_weights
-    from fewshot.errors import FewshotError
+    return resolve_pretrain(cfg)
 
-    path = Path(init).expanduser()
-    if path.is_dir():
-        path = path / "backbone.safetensors"
-    if not path.is_file():
-        raise FewshotError(f"--init '{init}' is not a weights file or a run folder with backbone.safetensors")
-    state, _ = read_weights(path)
-    return load_state(model, state, str(path))
+
+def load_init(model: nn.Module, init: Any) -> str:
+    """Load the ``--init`` weights (:class:`fewshot.inits.InitWeights`) into ``model``; the missing/unexpected-key
+    report of reading them and of this load, '' when both were clean."""
+    from fewshot.backbones import load_state
+
+    report = load_state(model, init.state, init.spec)
+    return "; ".join(r for r in (init.report, report) if r)
 
 
 def patch_size_of(model: nn.Module, default: int = 8) -> int:

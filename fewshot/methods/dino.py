@@ -19,7 +19,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from fewshot import distributed
 from fewshot.augment import MultiCrop
-from fewshot.methods.base import Method, RunPlan, create_vit, load_init, patch_size_of
+from fewshot.methods.base import Method, RunPlan, create_vit, load_init, patch_size_of, prepare
 from fewshot.schedules import capped_steps, cosine, linear_warmup
 
 
@@ -90,7 +90,7 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def resolve(cfg: Any, plan: RunPlan) -> dict[str, Any]:
+def resolve(cfg: Any, plan: RunPlan, adapting: bool = False) -> dict[str, Any]:
     """DINO hyperparameters for this data size and run length (explicit config values always win).
 
     DINO's ImageNet recipe assumes 1.28M images and ~1250 steps per epoch. On a few thousand images the same
@@ -106,7 +106,9 @@ def resolve(cfg: Any, plan: RunPlan) -> dict[str, Any]:
       reached by a linear warm-up from ``warmup_teacher_temp`` over min(30 epochs, 30% of T) steps;
     - ``momentum_teacher`` = 1 - 20/T clamped to [0.99, 0.996]: the teacher's EMA horizon 1/(1-m) stays within
       1/20 of the run where it can (DINO's 0.996 from T = 5000 steps on), then a cosine to 1; never below 0.99
-      (as BYOL finds, a faster teacher destabilises: at 0.96 our 500-step runs oscillated);
+      (as BYOL finds, a faster teacher destabilises: at 0.96 our 500-step runs oscillated); when ``adapting``
+      (``--init``: the teacher starts from good weights) 1 - 5/T clamped to [0.996, 0.9995], a horizon of a fifth
+      of the run, so the teacher keeps the init's features while the student adapts;
     - the last layer is frozen for min(1 epoch, 10% of T) steps; the lr warm-up (optim.warmup_steps) is
       min(10 epochs, 10% of T) steps.
     """
@@ -118,7 +120,8 @@ def resolve(cfg: Any, plan: RunPlan) -> dict[str, Any]:
         temp_warmup = capped_steps(30, per_epoch, total, 0.3) if teacher_temp != cfg.warmup_teacher_temp else 0
     momentum = cfg.momentum_teacher
     if momentum is None:
-        momentum = float(min(0.996, max(0.99, 1.0 - 20.0 / total)))
+        low, high, steps = (0.996, 0.9995, 5.0) if adapting else (0.99, 0.996, 20.0)
+        momentum = float(min(high, max(low, 1.0 - steps / total)))
     freeze = cfg.freeze_last_layer_steps
     if freeze is None:
         freeze = max(1, capped_steps(1, per_epoch, total, 0.1))
@@ -146,14 +149,14 @@ class Encoder(nn.Module):
 class DINO(Method):
     """Student, EMA teacher, loss and multi-crop augmentation; see :func:`resolve` for the derived values."""
 
-    def __init__(self, cfg: Any, plan: RunPlan) -> None:
+    def __init__(self, cfg: Any, plan: RunPlan, init: Any = None) -> None:
         super().__init__()
         d = cfg.dino
-        self.plan, self._resolved = plan, resolve(d, plan)
+        self.plan, self._resolved = plan, resolve(d, plan, adapting=init is not None)
         r = self._resolved
-        student_backbone, self.model_kwargs = create_vit(cfg, drop_path_rate=d.drop_path_rate)
-        teacher_backbone, _ = create_vit(cfg, drop_path_rate=0.0)  # drop path on the student only
-        self.init_report = load_init(student_backbone, cfg.init) if cfg.init else ""
+        student_backbone, self.model_kwargs = create_vit(cfg, drop_path_rate=d.drop_path_rate, init=init)
+        teacher_backbone, _ = create_vit(cfg, drop_path_rate=0.0, init=init)  # drop path on the student only
+        self.init_report = load_init(student_backbone, init) if init is not None else ""
         self.architecture = cfg.model
         dim = int(getattr(student_backbone, "num_features"))  # noqa: B009 (timm attribute)
         head_args = (dim, r["out_dim"], d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
@@ -161,7 +164,6 @@ class DINO(Method):
         self.teacher = Encoder(teacher_backbone, DINOHead(*head_args))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.teacher.eval()
         self.loss_fn = DINOLoss(r["out_dim"], d.student_temp, d.center_momentum)
         total = plan.total_steps
         self.momentum = cosine(r["momentum_teacher"], 1.0, total)
@@ -178,13 +180,19 @@ class DINO(Method):
         )  # fmt: skip
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan) -> DINO:
-        return cls(cfg, plan)
+    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> DINO:
+        cfg, init = prepare(cfg, init)
+        return cls(cfg, plan, init)
 
-    def train(self, mode: bool = True) -> DINO:
-        super().train(mode)
-        self.teacher.eval()  # the teacher is never in training mode
-        return self
+    # The teacher follows the module's mode, as in DINO's main_dino.py: a ViT teacher (no dropout, no drop path)
+    # computes the same in both, and a teacher with BatchNorm normalises with its batch statistics and tracks its
+    # own running statistics in training (the EMA below copies parameters only), so it exports real ones.
+
+    def backbone_modules(self) -> dict[str, nn.Module]:
+        return {"student.backbone": self.student.backbone, "teacher.backbone": self.teacher.backbone}
+
+    def guard_advice(self) -> str:
+        return f"raise dino.momentum_teacher (now {self._resolved['momentum_teacher']:.4g})"
 
     def augment(
         self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
@@ -224,8 +232,12 @@ class DINO(Method):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         m = float(self.momentum[min(step, len(self.momentum) - 1)])
-        teacher: list[Tensor] = list(self.teacher.parameters())
-        student: list[Tensor] = list(self.student.parameters())
+        # parameters that do not train (a frozen gain, a backbone in the head warm-up) keep the teacher's copy
+        # bitwise: m·θ + (1 - m)·θ need not round back to θ
+        pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True)
+                 if s.requires_grad]  # fmt: skip
+        teacher: list[Tensor] = [t for t, _ in pairs]
+        student: list[Tensor] = [s for _, s in pairs]
         torch._foreach_mul_(teacher, m)  # θ_t ← m θ_t + (1 - m) θ_s
         torch._foreach_add_(teacher, student, alpha=1.0 - m)
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fewshot.augment import crop_boxes, resized_crops
 from fewshot.errors import FewshotError
-from fewshot.methods.base import Method, RunPlan, create_vit, load_init
+from fewshot.methods.base import Method, RunPlan, create_vit, load_init, prepare
 
 NORM_EPS = 1e-6  # MAE's per-patch normalisation: (x - mean) / sqrt(var + 1e-6)
 
@@ -171,13 +171,15 @@ def crop_flip(
 class MAE(Method):
     """timm ViT encoder on the visible patches + light decoder; reconstructs the masked patches' pixels."""
 
-    def __init__(self, cfg: Any, plan: RunPlan) -> None:
+    feature_pool = "avg"  # MAE's class token is a weak frozen feature (see the module docstring)
+
+    def __init__(self, cfg: Any, plan: RunPlan, init: Any = None) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
         m = self.mae_cfg = cfg.mae
         self.plan = plan
-        encoder, self.model_kwargs = create_vit(cfg, drop_path_rate=m.drop_path_rate)
+        encoder, self.model_kwargs = create_vit(cfg, drop_path_rate=m.drop_path_rate, init=init)
         if not isinstance(encoder, VisionTransformer):
             raise FewshotError(f"MAE needs a plain timm ViT (e.g. vit_base_patch16_224), not '{cfg.model}'")
         self.architecture = cfg.model
@@ -193,8 +195,8 @@ class MAE(Method):
                 f"mae.mask_ratio {m.mask_ratio} keeps no patch of {self.n_patches}; lower it or raise --img-size"
             )
         self.prefix = int(encoder.num_prefix_tokens)
-        self.init_report = load_init(encoder, cfg.init) if cfg.init else ""
-        if not cfg.init:
+        self.init_report = load_init(encoder, init) if init is not None else ""
+        if init is None:
             self._init_encoder(m.fixed_pos_embed)
         if m.fixed_pos_embed and encoder.pos_embed is not None:
             encoder.pos_embed.requires_grad_(False)
@@ -217,8 +219,12 @@ class MAE(Method):
             vit.pos_embed.data.copy_(sincos_2d(vit.pos_embed.shape[-1], self.grid, rows)[None])
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan) -> MAE:
-        return cls(cfg, plan)
+    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> MAE:
+        cfg, init = prepare(cfg, init)
+        return cls(cfg, plan, init)
+
+    def backbone_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder}
 
     def augment(
         self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
