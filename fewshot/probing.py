@@ -26,7 +26,10 @@ def probe(
 ) -> dict[str, Any]:
     """Fit ``cfg.probe.head`` on ``cfg.probe.shots`` labels per class of ``train``; save it to ``out``.
 
-    Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy.
+    Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy. A pool
+    head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support and the
+    ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is first checked
+    against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
     """
     from sklearn.metrics import balanced_accuracy_score
 
@@ -34,10 +37,16 @@ def probe(
     from fewshot.features import extract_features
     from fewshot.heads import make_head
     from fewshot.heads.io import save_head
+    from fewshot.leakage import check_sources
     from fewshot.sampling import sample_support
 
     cfg = cfg or Config()
     pcfg = cfg.probe
+    head = make_head(pcfg.head, cfg.heads, random_state=pcfg.seed)
+    overlaps = []
+    if test is not None:  # before any extraction: TEST must not also be in TRAIN or the pool
+        others = {"TRAIN": train, "the unlabeled pool": cfg.pool.unlabeled}
+        overlaps = check_sources(test, others, allow=cfg.probe.allow_overlap)
     feats = extract_features(train, cfg.extract, progress=progress)
     if not feats.classes:
         raise FewshotError(f"'{train}' has no labels; probe needs an ImageFolder or a CSV with a label column")
@@ -46,8 +55,15 @@ def probe(
         support = labelled
     else:
         support = labelled[sample_support(feats.labels[labelled], pcfg.shots, pcfg.seed, feats.classes)]
-    head = make_head(pcfg.head, cfg.heads, random_state=pcfg.seed)
-    head.fit(feats.features[support], feats.labels[support])
+    X, y = feats.features[support], feats.labels[support]
+    extra = None
+    if head.uses_pool:
+        from fewshot.unlabeled import with_pool
+
+        extra = extract_features(cfg.pool.unlabeled, cfg.extract, progress=progress) if cfg.pool.unlabeled else None
+        x_extra = None if extra is None else extra.features
+        X, y = with_pool(feats.features, feats.labels, support, x_extra, cfg.pool.max_images, pcfg.seed)
+    head.fit(X, y)
     summary: dict[str, Any] = {
         "head": pcfg.head,
         "backbone": cfg.extract.backbone,
@@ -58,6 +74,10 @@ def probe(
         "seed": pcfg.seed,
         "train": str(train),
         "skipped_train": feats.skipped,
+        "pool_size": int((y < 0).sum()),
+        "unlabeled": cfg.pool.unlabeled if head.uses_pool else None,
+        "skipped_unlabeled": extra.skipped if extra is not None else [],
+        "overlaps": overlaps,
     }
     if hasattr(head, "C_"):
         summary["C"] = float(head.C_)
@@ -80,6 +100,9 @@ def predict(
     images: str | Path, head_dir: str | Path, out: str | Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Label every readable image in ``images`` with a saved head; write ``path,label,score`` CSV to ``out``.
+
+    A ``spread`` head scores the images together with its saved support and pool (it spreads labels again over
+    all of them: transductive); ``selftrain`` and ``HEAD+center`` heads score each image on its own.
 
     Returns ``{"predictions": [{"path", "label", "score"}, ...], "skipped": [{"path", "reason"}, ...]}``.
     """

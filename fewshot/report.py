@@ -14,12 +14,17 @@ MAX_MD_CONFUSION = 30
 
 
 def write_report(report: dict, out: Path) -> None:
-    """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed)."""
+    """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed), and
+    ``paired_differences.png`` when the report holds paired comparisons."""
+    from fewshot.comparisons import plot_differences
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
     plot(report, out / "label_efficiency.png")
+    if report.get("comparisons"):
+        plot_differences(report["comparisons"], out / "paired_differences.png")
 
 
 def _pct(value: float, ci: float | None = None) -> str:
@@ -37,18 +42,77 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _selects(report: dict) -> list[str]:
+    return report.get("select") or ["random"]
+
+
 def _score_table(report: dict, key: str) -> list[str]:
-    shots = report["shots"]
-    by = {(r["backbone"], r["head"], r["shots"]): r for r in report["results"]}
+    shots, selects = report["shots"], _selects(report)
+    by = {(r["backbone"], r.get("select", "random"), r["head"], r["shots"]): r for r in report["results"]}
     rows = []
     for backbone in report["backbones"]:
-        for head in report["heads"]:
-            cells = []
-            for k in shots:
-                r = by.get((backbone, head, k))
-                cells.append(_pct(r[key], r[f"{key}_ci95"]) if r else "–")
-            rows.append([backbone, head, *cells])
-    return _table(["backbone", "head", *(f"{k}-shot" for k in shots)], rows)
+        for select in selects:
+            for head in report["heads"]:
+                cells = []
+                for k in shots:
+                    r = by.get((backbone, select, head, k))
+                    cells.append(_pct(r[key], r[f"{key}_ci95"]) if r else "–")
+                rows.append([backbone, *([select] if len(selects) > 1 else []), head, *cells])
+    first = ["backbone", *(["select"] if len(selects) > 1 else []), "head"]
+    return _table([*first, *(f"{k}-shot" for k in shots)], rows)
+
+
+def _comparison_lines(report: dict) -> list[str]:
+    """The paired differences the report leads with: headline sentences, then the full table."""
+    from fewshot.comparisons import table
+
+    comparisons = report.get("comparisons") or []
+    if not comparisons:
+        return []
+    header, rows = table(comparisons)
+    lines = ["## Paired differences", ""]
+    lines += [f"- {s}" for s in report.get("headline", [])]
+    lines += [
+        "",
+        "Each configuration against its reference on the same seeds (for random selection, the very same supports): "
+        "mean difference in points ± half-width of the paired 95% t-interval; * marks an interval that excludes 0.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+    return lines
+
+
+def _selection_lines(report: dict) -> list[str]:
+    """How many classes each selection strategy's picks covered (the labels were revealed after the pick)."""
+    selects = [s for s in _selects(report) if s != "random"]
+    if not selects:
+        return []
+    shots = report["shots"]
+    covered = {(r.get("select"), r["shots"]): r.get("classes_covered") for r in report["results"]}
+    rows = [[s, *(f"{covered.get((s, k)) or 0:.1f}" for k in shots)] for s in selects]
+    return [
+        "## Selection",
+        "",
+        f"A strategy picks shots × {len(report['classes'])} TRAIN images from their features alone, then their "
+        "labels are revealed; random is the class-balanced draw. Classes covered (mean over seeds):",
+        "",
+        *_table(["select", *(f"{k}-shot" for k in shots)], rows),
+        "",
+    ]
+
+
+def _pool_lines(report: dict) -> list[str]:
+    pool = report.get("pool") or {}
+    sizes = [r["pool_size"] for r in report["results"] if r.get("pool_size")]
+    if not sizes:
+        return []
+    extra = f" plus {pool['unlabeled_images']} images of `{pool['unlabeled']}`" if pool.get("unlabeled") else ""
+    return [
+        f"Pool heads saw TRAIN's images outside the support{extra} as unlabeled pool, capped at "
+        f"{pool.get('max_images')} images (pool.max_images): {min(sizes):.0f}–{max(sizes):.0f} per episode.",
+        "",
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -61,7 +125,17 @@ def markdown(report: dict) -> str:
         f"TEST: {report['test_images']} images, all scored in every episode.",
         f"Each cell: mean over {report['seeds']} seeded supports drawn from TRAIN (the same supports for every "
         "backbone and head) ± half-width of the 95% t-interval, in %.",
+        *(
+            [
+                "A selection strategy picks each backbone's supports from that backbone's features (seeds vary its "
+                "k-means), so its supports differ between backbones; random supports are shared."
+            ]
+            if any(s != "random" for s in _selects(report))
+            else []
+        ),
         "",
+        *_comparison_lines(report),
+        *_pool_lines(report),
         "## Accuracy (%)",
         "",
         *_score_table(report, "accuracy"),
@@ -81,7 +155,9 @@ def markdown(report: dict) -> str:
     best = report["best"]
     if best:
         lines += [
-            f"## Best configuration: {best['backbone']} + {best['head']}, {best['shots']}-shot",
+            f"## Best configuration: {best['backbone']} + {best['head']}"
+            + (f", {best['select']} selection" if best.get("select", "random") != "random" else "")
+            + f", {best['shots']}-shot",
             "",
             f"Accuracy {_pct(best['accuracy'], best['accuracy_ci95'])} %, balanced accuracy "
             f"{_pct(best['balanced_accuracy'], best['balanced_accuracy_ci95'])} % "
@@ -113,6 +189,12 @@ def markdown(report: dict) -> str:
             ]
         else:
             lines += [f"{len(classes)} classes: too wide for markdown; see `best.confusion` in report.json.", ""]
+    lines += _selection_lines(report)
+    overlaps = report.get("overlaps") or []
+    if overlaps:
+        lines += [f"## TEST images also in TRAIN or the pool ({len(overlaps)}, allowed by --allow-overlap)", ""]
+        lines += [f"- `{o['test']}` = `{o['other']}` ({o['with']})" for o in overlaps]
+        lines += [""]
     skipped = report["skipped"]
     lines += [f"## Skipped files ({len(skipped)})", ""]
     if skipped:
@@ -132,11 +214,16 @@ def plot(report: dict, path: Path) -> None:
     ax = fig.add_subplot()
     palette = [f"C{i}" for i in range(10)]
     styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D")]
+    selects = _selects(report)
     for b, backbone in enumerate(report["backbones"]):
         color = palette[b % len(palette)]
-        for h, head in enumerate(report["heads"]):
+        for h, (select, head) in enumerate((s, h) for s in selects for h in report["heads"]):
             rows = sorted(
-                (r for r in report["results"] if r["backbone"] == backbone and r["head"] == head),
+                (
+                    r
+                    for r in report["results"]
+                    if (r["backbone"], r["head"], r.get("select", "random")) == (backbone, head, select)
+                ),
                 key=lambda r: r["shots"],
             )
             if not rows:
@@ -145,7 +232,8 @@ def plot(report: dict, path: Path) -> None:
             y = [100 * r["accuracy"] for r in rows]
             ci = [100 * r["accuracy_ci95"] for r in rows]
             line, marker = styles[h % len(styles)]
-            ax.plot(x, y, line, marker=marker, color=color, label=f"{backbone} · {head}")
+            label = f"{backbone} · {head}" + (f" · {select}" if len(selects) > 1 else "")
+            ax.plot(x, y, line, marker=marker, color=color, label=label)
             ax.fill_between(
                 x,
                 [a - c for a, c in zip(y, ci, strict=True)],

@@ -138,12 +138,25 @@ def test_messy_folder_extracts_good_images_and_lists_the_rest(messy: Path, tmp_p
     assert gif[0].mean() > 0.9 and gif[2].mean() < 0.1
 
 
-def labelled(root: Path, counts: dict[str, int]) -> Path:
+def labelled(root: Path, counts: dict[str, int], offset: int = 0) -> Path:
     for cls, n in counts.items():
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            photo(seed=i + 100 * len(cls)).save(root / cls / f"{i}.png")
+            photo(seed=offset + i + 100 * len(cls)).save(root / cls / f"{i}.png")
     return root
+
+
+def _copied(t: Path, into: str) -> list[object]:
+    """evaluate TRAIN TEST where one TEST image was copied, under another name, into TRAIN or the pool."""
+    train, test = labelled(t / "tr", {"a": 3, "b": 3}), labelled(t / "te", {"a": 2, "b": 2}, offset=50)
+    pool = t / "pool"
+    pool.mkdir()
+    photo(seed=999).save(pool / "u_0000.png")
+    (train / "a" / "copy.png" if into == "train" else pool / "u_0001.png").write_bytes(
+        (test / "b" / "1.png").read_bytes()
+    )
+    return ["evaluate", train, test, "-b", "pixels:4", "--shots", "1", "--seeds", "1", "--heads", "spread",
+            "--unlabeled", pool, "-o", t / "ev"]  # fmt: skip
 
 
 CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
@@ -165,7 +178,7 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         lambda t: [
             "evaluate",
             labelled(t / "tr", {"a": 3, "b": 3}),
-            labelled(t / "te", {"a": 2, "zebra": 2}),
+            labelled(t / "te", {"a": 2, "zebra": 2}, offset=50),
             "-b",
             "pixels:4",
             "--shots",
@@ -201,7 +214,44 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         lambda t: ["probe", labelled(t / "d", {"a": 2, "b": 2}), "-b", "pixels:4", "--head", "svm", "-o", t / "h"],
         ("unknown head 'svm'",),
     ),
+    "unknown head suffix": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--heads", "knn+whiten", "-o", t / "ev"],
+        ("unknown head 'knn+whiten'", "+center"),
+    ),
+    "TEST image copied into TRAIN": (lambda t: _copied(t, "train"), ("also in TRAIN", "b/1.png = a/copy.png")),
+    "TEST image copied into the pool": (
+        lambda t: _copied(t, "pool"),
+        ("also in the unlabeled pool", "b/1.png = u_0001.png", "--allow-overlap"),
+    ),
+    "unknown selection strategy": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--select", "random,best", "-o", t / "ev"],
+        ("evaluate.select", "typiclust"),
+    ),
+    "reference is not a backbone": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--reference", "pixels:8", "-o", t / "ev"],
+        ("--reference 'pixels:8' is not one of the backbones",),
+    ),
+    "select budget beyond the images": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "--budget", "5", "-o", t / "s"],
+        ("only 3 are not yet labelled", "lower --budget"),
+    ),
+    "select without a budget": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "-o", t / "s"],
+        ("--budget must be a positive number",),
+    ),
+    "probcover without a class count": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "--strategy", "probcover", "-n", "2", "-o", t / "s"],
+        ("--classes N",),
+    ),
+    "select excluding a missing folder": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-n", "1", "--exclude", t / "nope", "-o", t / "s"],
+        ("--exclude", "does not exist"),
+    ),
 }
+
+
+def _pair(t: Path) -> list[Path]:
+    return [labelled(t / "tr", {"a": 3, "b": 3}), labelled(t / "te", {"a": 2, "b": 2}, offset=50)]
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -1,0 +1,76 @@
+"""Self-training (Yarowsky 1995; scikit-learn's ``SelfTrainingClassifier``) of the ``logreg`` head on the pool.
+
+The ``logreg`` head is first fitted on the support alone, which fixes C by its stratified CV (or ``one_shot_c``
+with 1 shot), so the labels alone choose the regularisation. Then sklearn's ``SelfTrainingClassifier`` refits that
+head with C fixed, adding at each of ``max_iter`` rounds every pool image whose top probability exceeds
+``threshold`` with its predicted class as label (sklearn's convention: pool rows carry -1). The result is a
+logistic regression like ``logreg``'s: inductive, so ``predict`` scores new images without the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+import numpy as np
+from sklearn.semi_supervised import SelfTrainingClassifier
+from sklearn.utils.validation import validate_data
+
+from fewshot.heads.io import Head, check_pool_labels
+from fewshot.heads.logreg import LogRegHead
+
+
+class SelfTrainHead(Head):
+    """``logreg`` self-trained on the pool; ``C_`` from the support, ``pseudo_labelled_`` pool images adopted."""
+
+    name: ClassVar[str] = "selftrain"
+    uses_pool: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        threshold: float = 0.75,
+        max_iter: int = 10,
+        c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+        one_shot_c: float = 10.0,
+        cv_folds: int = 5,
+    ) -> None:
+        self.threshold = threshold
+        self.max_iter = max_iter
+        self.c_grid = c_grid
+        self.one_shot_c = one_shot_c
+        self.cv_folds = cv_folds
+
+    def fit(self, X: Any, y: Any) -> Self:
+        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
+        y = np.asarray(y, dtype=np.int64)
+        self.classes_ = check_pool_labels(self.name, y)
+        labelled = y >= 0
+        support = LogRegHead(self.c_grid, self.one_shot_c, self.cv_folds).fit(X[labelled], y[labelled])
+        self.C_ = support.C_
+        if labelled.all():  # no pool: self-training has nothing to add
+            self.logreg_, self.pseudo_labelled_ = support, 0
+            return self
+        fixed = LogRegHead(c_grid=(self.C_,), one_shot_c=self.C_, cv_folds=self.cv_folds)
+        model = SelfTrainingClassifier(fixed, threshold=self.threshold, max_iter=self.max_iter).fit(X, y)
+        self.logreg_ = model.estimator_
+        self.pseudo_labelled_ = int(((model.labeled_iter_ > 0) & ~labelled).sum())
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.logreg_.predict_proba(self._validate_predict(X))  # (Q, C)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.logreg_.predict(self._validate_predict(X))  # (Q,)
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        return {**self.logreg_.to_state(), "pseudo_labelled": np.asarray(self.pseudo_labelled_)}
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
+        head = cls(**params)
+        head.logreg_ = LogRegHead.from_state({"c_grid": head.c_grid, "one_shot_c": head.one_shot_c}, state)
+        head.classes_ = head.logreg_.classes_
+        head.n_features_in_ = head.logreg_.n_features_in_
+        head.C_ = head.logreg_.C_
+        head.pseudo_labelled_ = int(state["pseudo_labelled"])
+        return head
