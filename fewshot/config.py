@@ -74,8 +74,8 @@ class LinearConfig:
 class SpreadConfig:
     """Label spreading (Zhou et al. 2004) on a k-NN graph of support + pool + scored images (transductive)."""
 
-    k: int = 10  # neighbours per image in the graph
-    alpha: float = 0.2  # share of a label that comes from the neighbours each iteration (sklearn's default)
+    k: int = 20  # neighbours per image in the graph
+    alpha: float = 0.8  # weight of the neighbours against an image's own label (Zhou et al.'s alpha)
     max_iter: int = 100
     tol: float = 1e-3
 
@@ -84,8 +84,10 @@ class SpreadConfig:
 class SelfTrainConfig:
     """Logistic regression (C chosen on the support as ``logreg``), then self-training on the pool."""
 
-    threshold: float = 0.75  # add pool images whose top probability exceeds this (sklearn's default)
-    max_iter: int = 10
+    criterion: str = "threshold"  # threshold | k_best (sklearn's SelfTrainingClassifier criteria)
+    threshold: float = 0.95  # criterion threshold: adopt pool images whose top probability exceeds this
+    k_best: int = 10  # criterion k_best: adopt this many of the most confident pool images per round
+    max_iter: int = 10  # rounds
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
     one_shot_c: float = 10.0
     cv_folds: int = 5

@@ -151,6 +151,8 @@ def run_episodes(
                             confusion += cm
                             bar.update()
                         rows.append(_row(backbone, head, k, per_seed, confusion, select=strategy))
+                        # a deterministic strategy (ProbCover) gives one support whatever the seed: say so
+                        rows[-1]["distinct_supports"] = len({tuple(v) for v in supports.values()})
             if ev.full_knn:
                 labelled = y_train >= 0
                 model = make_head("knn", cfg.heads, random_state=ev.seed).fit(x_train[labelled], y_train[labelled])

@@ -89,13 +89,19 @@ def _selection_lines(report: dict) -> list[str]:
     if not selects:
         return []
     shots = report["shots"]
-    covered = {(r.get("select"), r["shots"]): r.get("classes_covered") for r in report["results"]}
-    rows = [[s, *(f"{covered.get((s, k)) or 0:.1f}" for k in shots)] for s in selects]
+    by = {(r.get("select"), r["shots"]): r for r in report["results"]}
+    rows = [
+        [s, *(f"{by[(s, k)].get('classes_covered') or 0:.1f} ({by[(s, k)].get('distinct_supports', '?')})"
+              for k in shots if (s, k) in by)]
+        for s in selects
+    ]  # fmt: skip
     return [
         "## Selection",
         "",
         f"A strategy picks shots × {len(report['classes'])} TRAIN images from their features alone, then their "
-        "labels are revealed; random is the class-balanced draw. Classes covered (mean over seeds):",
+        "labels are revealed; random is the class-balanced draw. Classes covered, mean over seeds (in brackets: "
+        "distinct supports over the seeds; a strategy that picks the same images whatever the seed has an interval "
+        "that shows none of the luck of the draw):",
         "",
         *_table(["select", *(f"{k}-shot" for k in shots)], rows),
         "",

@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, normalize
 from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 
-from fewshot.config import HeadsConfig
+from fewshot.config import HeadsConfig, SelfTrainConfig
 from fewshot.errors import FewshotError
 from fewshot.heads import CenteredHead, LogRegHead, PrototypeHead, SpreadHead, load_head, make_head, save_head
 
@@ -79,13 +79,13 @@ def test_spread_is_sklearn_label_spreading_on_the_same_graph() -> None:
 
 def test_selftrain_is_sklearn_self_training_with_the_supports_c() -> None:
     X, y, xq, _ = semi(seed=2, shots=1)  # 1 shot: logreg's fixed C = 10, confident enough to adopt pool images
-    head = make_head("selftrain", HeadsConfig()).fit(X, y)
+    cfg = HeadsConfig(selftrain=SelfTrainConfig(threshold=0.75))
+    head = make_head("selftrain", cfg).fit(X, y)
     labelled = y >= 0
     c = LogRegHead().fit(X[labelled], y[labelled]).C_  # C chosen on the support alone
     assert c == head.C_
     base = make_pipeline(Normalizer(), LogisticRegression(C=c, tol=1e-4, max_iter=1000))
-    cfg = HeadsConfig().selftrain
-    reference = SelfTrainingClassifier(base, threshold=cfg.threshold, max_iter=cfg.max_iter).fit(X, y)
+    reference = SelfTrainingClassifier(base, threshold=0.75, max_iter=cfg.selftrain.max_iter).fit(X, y)
     np.testing.assert_array_equal(head.predict(xq), reference.predict(xq))
     np.testing.assert_allclose(head.predict_proba(xq), reference.predict_proba(xq), rtol=1e-5, atol=1e-7)
     assert head.pseudo_labelled_ == int(((reference.labeled_iter_ > 0) & ~labelled).sum()) > 0

@@ -2,8 +2,9 @@
 
 The ``logreg`` head is first fitted on the support alone, which fixes C by its stratified CV (or ``one_shot_c``
 with 1 shot), so the labels alone choose the regularisation. Then sklearn's ``SelfTrainingClassifier`` refits that
-head with C fixed, adding at each of ``max_iter`` rounds every pool image whose top probability exceeds
-``threshold`` with its predicted class as label (sklearn's convention: pool rows carry -1). The result is a
+head with C fixed, adding at each of ``max_iter`` rounds, with its predicted class as label, every pool image whose
+top probability exceeds ``threshold`` (``criterion="threshold"``) or the ``k_best`` most confident ones
+(``criterion="k_best"``); sklearn's convention: pool rows carry -1. The result is a
 logistic regression like ``logreg``'s: inductive, so ``predict`` scores new images without the pool.
 """
 
@@ -28,13 +29,17 @@ class SelfTrainHead(Head):
 
     def __init__(
         self,
-        threshold: float = 0.75,
+        criterion: str = "threshold",
+        threshold: float = 0.95,
+        k_best: int = 10,
         max_iter: int = 10,
         c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         one_shot_c: float = 10.0,
         cv_folds: int = 5,
     ) -> None:
+        self.criterion = criterion
         self.threshold = threshold
+        self.k_best = k_best
         self.max_iter = max_iter
         self.c_grid = c_grid
         self.one_shot_c = one_shot_c
@@ -51,7 +56,13 @@ class SelfTrainHead(Head):
             self.logreg_, self.pseudo_labelled_ = support, 0
             return self
         fixed = LogRegHead(c_grid=(self.C_,), one_shot_c=self.C_, cv_folds=self.cv_folds)
-        model = SelfTrainingClassifier(fixed, threshold=self.threshold, max_iter=self.max_iter).fit(X, y)
+        model = SelfTrainingClassifier(
+            fixed,
+            criterion=self.criterion,
+            threshold=self.threshold,
+            k_best=min(self.k_best, int((~labelled).sum())),
+            max_iter=self.max_iter,
+        ).fit(X, y)
         self.logreg_ = model.estimator_
         self.pseudo_labelled_ = int(((model.labeled_iter_ > 0) & ~labelled).sum())
         return self

@@ -33,7 +33,7 @@ class SpreadHead(Head):
     name: ClassVar[str] = "spread"
     uses_pool: ClassVar[bool] = True
 
-    def __init__(self, k: int = 10, alpha: float = 0.2, max_iter: int = 100, tol: float = 1e-3) -> None:
+    def __init__(self, k: int = 20, alpha: float = 0.8, max_iter: int = 100, tol: float = 1e-3) -> None:
         self.k = k
         self.alpha = alpha
         self.max_iter = max_iter
