@@ -52,12 +52,19 @@ def paired(rows: list[dict], field: str, refs: dict[str, str]) -> list[dict]:
     return compare(rows, field, refs)
 
 
-def fmt_rows(rows: list[dict], label: str = "") -> list[str]:
-    lines = [f"| {label}backbone | select | head | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |"]
+def short(backbone: str) -> str:
+    """Table names: the random-init ViT and a run folder by role, not by spec."""
+    if backbone == RANDOM_INIT:
+        return "random-init ViT"
+    return "MAE run" if backbone.endswith(":pool=avg") else backbone
+
+
+def fmt_rows(rows: list[dict]) -> list[str]:
+    lines = ["| backbone | select | head | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |"]
     lines.append("|" + "---|" * (3 + len(SHOTS)))
-    by = {}
+    by: dict[tuple, dict] = {}
     for r in rows:
-        by.setdefault((r["backbone"], r["select"], r["head"]), {})[r["shots"]] = r
+        by.setdefault((short(r["backbone"]), r["select"], r["head"]), {})[r["shots"]] = r
     for (b, s, h), cells in by.items():
         shown = [f"{100 * c['accuracy']:.1f} ± {100 * c['accuracy_ci95']:.1f}" if c else "–"
                  for c in (cells.get(k) for k in SHOTS)]  # fmt: skip
@@ -65,20 +72,32 @@ def fmt_rows(rows: list[dict], label: str = "") -> list[str]:
     return lines
 
 
-def fmt_diffs(diffs: list[dict]) -> list[str]:
-    lines = ["| backbone | compared | against | with | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |"]
-    lines.append("|" + "---|" * (4 + len(SHOTS)))
+def fmt_diffs(diffs: list[dict], field: str) -> list[str]:
+    """One table per kind of comparison: each cell the paired difference in points, * when the 95% interval
+    excludes 0, and (seeds better / seeds)."""
+    title = {"select": "selection vs random", "head": "pool head vs its inductive head", "backbone": "vs pixels"}
+    lines = [f"| backbone | {title[field]} | with | " + " | ".join(f"{k}-shot" for k in SHOTS) + " |"]
+    lines.append("|" + "---|" * (3 + len(SHOTS)))
     by: dict[tuple, dict] = {}
-    for c in diffs:
-        other = ", ".join(c[f] for f in ("head", "select") if f != c["field"])
-        by.setdefault((c["backbone"], c[c["field"]], c["reference"], other), {})[c["shots"]] = c
-    for (b, compared, ref, other), cells in by.items():
+    for c in (c for c in diffs if c["field"] == field):
+        other = ", ".join(c[f] for f in ("head", "select") if f != field)
+        what = f"{c[field] if field != 'backbone' else short(c[field])} − {c['reference']}"
+        by.setdefault((short(c["backbone"]), what, other), {})[c["shots"]] = c
+    for (b, what, other), cells in by.items():
         shown = []
         for k in SHOTS:
             c = cells.get(k)
             shown.append("–" if c is None else points(c["difference"], c["difference_ci95"])
                          + (" *" if c["significant"] else "") + f" ({c['wins']}/{c['n']})")  # fmt: skip
-        lines.append(f"| {b} | {compared} | {ref} | {other} | " + " | ".join(shown) + " |")
+        lines.append(f"| {b} | {what} | {other} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def fmt_all_diffs(diffs: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for field in ("select", "head", "backbone"):
+        if any(c["field"] == field for c in diffs):
+            lines += [*fmt_diffs(diffs, field), ""]
     return lines
 
 
@@ -181,7 +200,7 @@ def main() -> None:
         res = sweep(args.out)
         lines += ["## Pool heads' hyperparameters on the demo digits (pixels:8), 10 seeds", ""]
         lines += [*fmt_rows(res["rows"]), "", "Paired differences against logreg (HEAD+center against HEAD):", ""]
-        lines += fmt_diffs(res["diffs"])
+        lines += fmt_all_diffs(res["diffs"])
         (args.out / "sweep.json").write_text(json.dumps(res, indent=1, default=float))
     else:
         runs = dict(item.split("=", 1) for item in args.run)
@@ -190,7 +209,7 @@ def main() -> None:
             print(f"{name}:", flush=True)
             everything[name] = res = run_dataset(args.data / name, runs.get(name), args.seeds)
             for variant, part in res.items():
-                lines += [f"## {name}, {variant} pool", "", *fmt_rows(part["rows"]), "", *fmt_diffs(part["diffs"]), ""]
+                lines += [f"## {name}, {variant} pool", "", *fmt_rows(part["rows"]), "", *fmt_all_diffs(part["diffs"])]
         (args.out / "run.json").write_text(json.dumps(everything, indent=1, default=float))
     lines += ["", f"Total wall time {time.perf_counter() - started:.0f} s (shared 2-core machine)."]
     text = "\n".join(lines) + "\n"

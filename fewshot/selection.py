@@ -13,10 +13,10 @@ any image is labelled, and shuffling labels cannot change it.
   *typical* unlabelled image is taken: typicality = 1 / (mean distance to its K nearest neighbours in the
   cluster), K = min(20, cluster size // 2).
 - ``probcover`` (Yehuda et al. 2022): balls of radius delta around every image; greedy maximum coverage: take the
-  image whose ball holds the most not-yet-covered images, mark them covered, repeat. Delta is the largest radius
-  (0.01 steps) at which a share ``alpha`` = 0.95 of the balls stay *pure* with respect to k-means pseudo-labels
-  with as many clusters as classes (the paper's rule). The ball graph is a sparse radius-neighbours graph, so
-  memory grows with the edges, not with N².
+  image whose ball holds the most not-yet-covered images (ties broken at random, seeded), mark them covered,
+  repeat. Delta is the largest radius (0.01 steps) at which a share ``alpha`` = 0.95 of the balls stay *pure* with
+  respect to k-means pseudo-labels with as many clusters as classes (the paper's rule). The ball graph is a sparse
+  radius-neighbours graph, so memory grows with the edges, not with N².
 - ``kcenter``: greedy k-centre (Sener & Savarese 2018, "core-set"): the image farthest from every chosen or
   labelled image, repeatedly. A diversity baseline.
 - ``random``: a seeded uniform draw (``evaluate`` keeps its class-balanced draw for the random baseline).
@@ -222,11 +222,13 @@ def _probcover(
     scores: list[float] = []
     for _ in range(budget):
         gain = np.where(free, degree, -1)
-        best = int(np.argmax(gain))  # first of equals: deterministic
-        if gain[best] <= 0:  # everything is covered: the paper's code then picks at random
-            best = int(rng.choice(np.flatnonzero(free)))
+        top = int(gain.max())
+        # Ties (common: gains are counts) are broken at random, seeded: the first of equals would follow the
+        # file order, which in a class-folder layout is the class order, and pick one class over and over once
+        # the balls are small. Everything covered: a random image, as the paper's code.
+        best = int(rng.choice(np.flatnonzero(gain == top) if top > 0 else np.flatnonzero(free)))
         picks.append(best)
-        scores.append(float(max(gain[best], 0)))
+        scores.append(float(max(top, 0)))
         free[best] = False
         newly = graph[best].indices[uncovered[graph[best].indices]]
         if len(newly):

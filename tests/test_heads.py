@@ -189,7 +189,7 @@ def test_make_head_reads_its_config_section() -> None:
     linear = make_head("linear", cfg, random_state=11)
     assert isinstance(linear, LinearHead) and (linear.epochs, linear.random_state) == (7, 11)
     assert make_head("logreg", cfg).get_params()["c_grid"] == cfg.logreg.c_grid
-    assert set(HEADS) == {"knn", "logreg", "prototype", "linear"}
+    assert set(HEADS) == {"knn", "logreg", "prototype", "linear", "spread", "selftrain"}
 
 
 def test_make_head_unknown_name_lists_valid_heads() -> None:
