@@ -7,10 +7,11 @@ Two parts, both printing tables and writing them (JSON + Markdown) to --out:
     python benchmarks/unlabeled.py sweep --out bench-unlabeled/
 
 ``run``: on clothing10 and mnist5k (shared/data), with raw pixels, the random-init ViT and a pretrained MAE run as
-backbones: 1/2/5-shot accuracy over 10 seeds of random (class-balanced) vs TypiClust vs ProbCover selection with
-the logreg and spread heads, and, on the random supports, the inductive heads (logreg, prototype) against the pool
-heads (spread, selftrain, logreg+center, prototype+center); then the same on a class-imbalanced pool (80% of half
-the classes' TRAIN images dropped, no extra unlabeled folder). Every comparison is a paired difference over seeds:
+backbones: 1/2/5-shot accuracy over 10 seeds of random (class-balanced) vs uniform (label-blind) vs TypiClust vs
+ProbCover selection with the logreg and spread heads, and, on the random supports, the inductive heads (logreg,
+prototype) against the pool heads (spread, selftrain, logreg+center, prototype+center); then the same on a
+class-imbalanced pool (80% of half the classes' TRAIN images dropped, no extra unlabeled folder). Every comparison
+is a paired difference over seeds:
     python benchmarks/unlabeled.py run --run clothing10=runs/mae-clothing10 --run mnist5k=runs/mae-mnist5k \\
         --out bench-unlabeled/
 Features are cached (fewshot's feature cache), so a re-run costs only the fits. Run it with OMP_NUM_THREADS=1.
@@ -38,7 +39,7 @@ INDUCTIVE = ("logreg", "prototype")
 POOL_HEADS = ("spread", "selftrain", "logreg+center", "prototype+center")
 AGAINST = {"spread": "logreg", "selftrain": "logreg", "logreg+center": "logreg", "prototype+center": "prototype"}
 SELECT_HEADS = ("logreg", "spread")
-STRATEGIES = ("typiclust", "probcover")
+STRATEGIES = ("uniform", "typiclust", "probcover")  # uniform: what a person without labels gets from random picks
 RANDOM_INIT = "vit_tiny_patch16_224:img_size=64,patch_size=8,depth=4,pool=avg"  # the MAE recipe's ViT, untrained
 PIXELS = "pixels:16"  # 768-d: the pool heads' k-NN graph and self-training on 3,072-d pixels cost 4x more
 

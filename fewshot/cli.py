@@ -269,6 +269,9 @@ def predict(
 ) -> None:
     """Label new images with a saved head; writes path,label,score.
 
+    A spread head labels the images together with its saved support and pool (label spreading over all of them);
+    the other heads label each image on its own.
+
     Example: `fewshot predict new_images/ --head head/ --out predictions.csv`
     """
     from fewshot.probing import predict as run
@@ -296,8 +299,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--select",
-            help="How supports are chosen: random (class-balanced), typiclust, probcover, kcenter; e.g. "
-            "random,typiclust. A strategy picks shots x classes TRAIN images without their labels.",
+            help="How supports are chosen: random (class-balanced), uniform, typiclust, probcover, kcenter; e.g. "
+            "random,typiclust. All but random pick shots x classes TRAIN images without their labels.",
         ),
     ] = None,
     unlabeled: Unlabeled = None,

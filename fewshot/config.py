@@ -143,7 +143,7 @@ class EvaluateConfig:
     heads: tuple[str, ...] = ("knn", "logreg", "prototype")
     seed: int = 0  # first seed; episode i uses seed + i
     full_knn: bool = True  # also report k-NN with every TRAIN label
-    select: tuple[str, ...] = ("random",)  # how supports are chosen: random (class-balanced) or a strategy
+    select: tuple[str, ...] = ("random",)  # supports: random (class-balanced), uniform, typiclust, probcover, kcenter
     reference: str | None = None  # backbone the others are compared with, paired by seed; None: pixels if present
     reference_head: str | None = None  # also compare every head with this one, paired by seed
     allow_overlap: bool = False  # TEST images also in TRAIN or the pool: a counted warning instead of an error

@@ -24,6 +24,10 @@ from fewshot.sampling import sample_support
 from fewshot.stats import t_interval
 from fewshot.unlabeled import with_pool
 
+# How evaluate chooses supports: the class-balanced draw, a uniform label-blind draw of shots x classes images, or
+# a selection strategy of fewshot.selection on the features (their labels revealed after the pick).
+EVALUATE_STRATEGIES = ("random", "uniform", "typiclust", "probcover", "kcenter")
+
 
 def align_classes(train: Features, test: Features) -> Features:
     """``test`` relabelled to ``train``'s class indices, matching classes by name.
@@ -169,11 +173,13 @@ def chosen_support(
     x_train: np.ndarray, y_train: np.ndarray, shots: int, seed: int, strategy: str, cfg: Config
 ) -> np.ndarray:
     """Sorted TRAIN rows that ``strategy`` picks for a budget of ``shots`` x classes, from the labelled rows'
-    features alone (their labels are revealed only after the pick)."""
+    features alone (their labels are revealed only after the pick). ``uniform`` is a seeded uniform draw of that
+    many images: what a person without labels gets from random picks (``random`` is the class-balanced draw)."""
     from fewshot.selection import select
 
     labelled = np.flatnonzero(y_train >= 0)
     n_classes = int(y_train.max()) + 1
+    strategy = "random" if strategy == "uniform" else strategy  # selection's own random: uniform, label-blind
     picked = select(x_train[labelled], shots * n_classes, strategy, seed=seed, n_classes=n_classes, cfg=cfg.select)
     return np.sort(labelled[picked.indices])
 
@@ -181,7 +187,6 @@ def chosen_support(
 def check_evaluate_config(cfg: Config) -> None:
     """Fail fast (before any feature extraction) on an evaluate section that cannot run."""
     from fewshot.heads import HEADS, check_head_name
-    from fewshot.selection import STRATEGIES
 
     ev = cfg.evaluate
     if not ev.backbones:
@@ -198,11 +203,11 @@ def check_evaluate_config(cfg: Config) -> None:
         raise FewshotError(f"evaluate.shots must be positive integers, got {list(ev.shots)}; e.g. --shots 1,2,5,10")
     if ev.seeds < 1:
         raise FewshotError(f"evaluate.seeds must be at least 1, got {ev.seeds}")
-    unknown = [s for s in ev.select if s not in STRATEGIES]
+    unknown = [s for s in ev.select if s not in EVALUATE_STRATEGIES]
     if not ev.select or unknown:
         raise FewshotError(
             f"evaluate.select must name selection strategies, got {list(ev.select)}; choose from "
-            f"{', '.join(STRATEGIES)} (random is the class-balanced draw)"
+            f"{', '.join(EVALUATE_STRATEGIES)} (random is the class-balanced draw, uniform a label-blind one)"
         )
     if ev.reference is not None and ev.reference not in ev.backbones:
         raise FewshotError(

@@ -199,15 +199,19 @@ def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(heads, monkeyp
 
 def test_selection_strategies_pick_per_backbone_and_report_coverage():
     train, test = blobs(12, spread=0.5), blobs(4, seed=6)
-    cfg = config(shots=(1, 2), seeds=3, heads=("prototype",), select=("random", "typiclust"), full_knn=False)
+    strategies = ("random", "uniform", "typiclust")
+    cfg = config(shots=(1, 2), seeds=3, heads=("prototype",), select=strategies, full_knn=False)
     rows = run_episodes({"x": (train, test)}, cfg, progress=False)
-    assert {(r["select"], r["shots"]) for r in rows} == {(s, k) for s in ("random", "typiclust") for k in (1, 2)}
+    assert {(r["select"], r["shots"]) for r in rows} == {(s, k) for s in strategies for k in (1, 2)}
     for r in rows:
         assert all(1 <= p["classes_covered"] <= len(CLASSES) for p in r["per_seed"])
         if r["select"] == "random":
             assert r["classes_covered"] == len(CLASSES)  # the class-balanced draw covers every class
     typi = next(r for r in rows if r["select"] == "typiclust" and r["shots"] == 1)
     assert typi["classes_covered"] == len(CLASSES)  # well-separated blobs: one typical image per blob
+    uniform = next(r for r in rows if r["select"] == "uniform" and r["shots"] == 1)
+    assert uniform["classes_covered"] < len(CLASSES)  # 5 label-blind picks from 5 classes rarely hit all 5
+    assert uniform["distinct_supports"] == 3
 
 
 def test_pool_heads_get_train_outside_the_support_and_the_extra_pool():
