@@ -185,9 +185,59 @@ def run_dataset(data: Path, run: str | None, seeds: int) -> dict[str, Any]:
     return result
 
 
+# The README's table: (label, field, compared, reference, the other field's value)
+SUMMARY = (
+    ("uniform − random (logreg)", "select", "uniform", "random", "logreg"),
+    ("typiclust − uniform (logreg)", "select", "typiclust", "uniform", "logreg"),
+    ("typiclust − random (logreg)", "select", "typiclust", "random", "logreg"),
+    ("probcover − uniform (logreg)", "select", "probcover", "uniform", "logreg"),
+    ("typiclust − random (spread)", "select", "typiclust", "random", "spread"),
+    ("spread − logreg", "head", "spread", "logreg", "random"),
+    ("selftrain − logreg", "head", "selftrain", "logreg", "random"),
+    ("logreg+center − logreg", "head", "logreg+center", "logreg", "random"),
+    ("prototype+center − prototype", "head", "prototype+center", "prototype", "random"),
+)
+
+
+def summary(paths: list[Path]) -> list[str]:
+    """The README's compact tables from run.json files: paired differences (points, 10 seeds) for the MAE run and
+    pixels, balanced and imbalanced pools; * marks a 95% interval that excludes 0."""
+    lines: list[str] = []
+    for path in paths:
+        for name, res in json.loads(path.read_text()).items():
+            order = dict.fromkeys(r["backbone"] for r in res["balanced"]["rows"])
+            backbones = [b for b in order if b != RANDOM_INIT]
+            head = " | ".join(f"{short(b)} {k}-shot" for b in backbones for k in SHOTS)
+            lines += [f"**{name}**", "", f"| paired difference (points) | pool | {head} |"]
+            lines.append("|" + "---|" * (2 + len(backbones) * len(SHOTS)))
+            for variant in ("balanced", "imbalanced"):
+                rows = res[variant]["rows"]
+                for label, field, compared, reference, other in SUMMARY:
+                    found = {
+                        (c["backbone"], c["shots"]): c
+                        for c in compare(rows, field, {compared: reference})
+                        if c["head" if field == "select" else "select"] == other
+                    }
+                    cells = []
+                    for b in backbones:
+                        for k in SHOTS:
+                            c = found.get((b, k))
+                            mark = "*" if c is not None and c["significant"] else ""
+                            cells.append("–" if c is None else points(c["difference"], c["difference_ci95"]) + mark)
+                    lines.append(f"| {label} | {variant} | " + " | ".join(cells) + " |")
+                logreg = {
+                    (r["backbone"], r["shots"]): r for r in rows if (r["select"], r["head"]) == ("random", "logreg")
+                }
+                cells = [f"{100 * logreg[(b, k)]['accuracy']:.1f}" for b in backbones for k in SHOTS]
+                lines.append(f"| *logreg accuracy, random supports (%)* | {variant} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["sweep", "run"])
+    parser.add_argument("part", choices=["sweep", "run", "summary"])
+    parser.add_argument("--from", dest="sources", type=Path, action="append", default=[], help="summary: run.json")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--datasets", default="clothing10,mnist5k")
     parser.add_argument("--run", action="append", default=[], help="DATASET=RUN_FOLDER (a fewshot pretrain run)")
@@ -203,6 +253,8 @@ def main() -> None:
         lines += [*fmt_rows(res["rows"]), "", "Paired differences against logreg (HEAD+center against HEAD):", ""]
         lines += fmt_all_diffs(res["diffs"])
         (args.out / "sweep.json").write_text(json.dumps(res, indent=1, default=float))
+    elif args.part == "summary":
+        lines += summary(args.sources)
     else:
         runs = dict(item.split("=", 1) for item in args.run)
         everything = {}
