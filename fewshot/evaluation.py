@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,31 +132,15 @@ def run_episodes(
                         bar.set_postfix_str(f"{backbone} {strategy} {head} {k}-shot")
                         per_seed, confusion = [], np.zeros((len(classes), len(classes)), dtype=np.int64)
                         for s in seeds:
-                            idx = supports[s]
                             model = make_head(head, cfg.heads, random_state=s)
-                            X, y = x_train[idx], y_train[idx]
-                            if getattr(model, "uses_pool", False):
-                                X, y = with_pool(x_train, y_train, idx, x_extra, cfg.pool.max_images, s)
-                            covered = np.unique(y_train[idx])
-                            if len(covered) < 2:  # a selection that found one class can only predict that class
-                                pred = np.full(len(y_test), covered[0])
-                            else:
-                                pred = model.fit(X, y).predict(x_test)
-                            cm = _confusion(y_test, pred, len(classes))
-                            acc, bal = scores(cm)
-                            per_seed.append(
-                                {
-                                    "seed": s,
-                                    "accuracy": acc,
-                                    "balanced_accuracy": bal,
-                                    "classes_covered": len(covered),
-                                    "pool_size": int((y < 0).sum()),
-                                }
+                            scored, cm = _episode(
+                                model, x_train, y_train, supports[s], x_extra, x_test, y_test, len(classes), cfg, s
                             )
+                            per_seed.append({"seed": s, **scored})
                             confusion += cm
                             bar.update()
                         rows.append(_row(backbone, head, k, per_seed, confusion, select=strategy))
-                        # a deterministic strategy (ProbCover) gives one support whatever the seed: say so
+                        # a strategy with little randomness (ProbCover) gives few distinct supports: say so
                         rows[-1]["distinct_supports"] = len({tuple(v) for v in supports.values()})
             if ev.full_knn:
                 labelled = y_train >= 0
@@ -167,6 +152,36 @@ def run_episodes(
                 )
                 bar.update()
     return rows
+
+
+def _episode(
+    model: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    support: np.ndarray,
+    x_extra: np.ndarray | None,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    n_classes: int,
+    cfg: Config,
+    seed: int,
+) -> tuple[dict, np.ndarray]:
+    """Fit ``model`` on the support (and, for a pool head, the pool) and score it on TEST: the per-seed scores and
+    the confusion matrix."""
+    X, y = x_train[support], y_train[support]
+    if getattr(model, "uses_pool", False):
+        X, y = with_pool(x_train, y_train, support, x_extra, cfg.pool.max_images, seed)
+    covered = np.unique(y_train[support])
+    # a selection that found a single class can only predict that class
+    pred = np.full(len(y_test), covered[0]) if len(covered) < 2 else model.fit(X, y).predict(x_test)
+    cm = _confusion(y_test, pred, n_classes)
+    acc, bal = scores(cm)
+    return {
+        "accuracy": acc,
+        "balanced_accuracy": bal,
+        "classes_covered": len(covered),
+        "pool_size": int((y < 0).sum()),
+    }, cm
 
 
 def chosen_support(
