@@ -80,6 +80,12 @@ def select(
     n_classes = n_classes if n_classes is not None else cfg.classes
     if strategy not in STRATEGIES:
         raise FewshotError(f"unknown selection strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    if min(cfg.typiclust_neighbors, cfg.max_clusters, cfg.min_cluster_size) < 1 or not 0 < cfg.probcover_alpha <= 1:
+        raise FewshotError(
+            "select.typiclust_neighbors, select.max_clusters and select.min_cluster_size must be at least 1 and "
+            f"select.probcover_alpha in (0, 1] (got {cfg.typiclust_neighbors}, {cfg.max_clusters}, "
+            f"{cfg.min_cluster_size}, {cfg.probcover_alpha}); fix the recipe or --set value"
+        )
     X = normalize(np.asarray(features, dtype=np.float32))  # (N, D) unit rows
     labelled = np.zeros(len(X), dtype=bool)
     if exclude is not None:

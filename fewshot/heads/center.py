@@ -32,6 +32,11 @@ class CenteredHead(Head):
     def __init__(self, head: Head | None = None) -> None:
         self.head = head
 
+    def check_params(self) -> None:
+        check = getattr(self.head, "check_params", None)
+        if check is not None:
+            check()
+
     def fit(self, X: Any, y: Any) -> Self:
         if self.head is None:
             raise TypeError("CenteredHead needs a head to wrap, e.g. CenteredHead(LogRegHead())")

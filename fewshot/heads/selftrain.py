@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.semi_supervised import SelfTrainingClassifier
 from sklearn.utils.validation import validate_data
 
+from fewshot.errors import FewshotError
 from fewshot.heads.io import Head, check_pool_labels
 from fewshot.heads.logreg import LogRegHead
 
@@ -45,7 +46,21 @@ class SelfTrainHead(Head):
         self.one_shot_c = one_shot_c
         self.cv_folds = cv_folds
 
+    def check_params(self) -> None:
+        """One-line error for settings SelfTrainingClassifier would reject (called by fit and, early, by evaluate)."""
+        if (
+            self.criterion not in ("threshold", "k_best")
+            or not 0 <= self.threshold < 1
+            or min(self.k_best, self.max_iter) < 1
+        ):
+            raise FewshotError(
+                f"heads.selftrain needs criterion threshold or k_best, 0 <= threshold < 1, k_best >= 1 and max_iter "
+                f">= 1 (got {self.criterion}, {self.threshold}, {self.k_best}, {self.max_iter}); fix the recipe or "
+                "--set value"
+            )
+
     def fit(self, X: Any, y: Any) -> Self:
+        self.check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
         y = np.asarray(y, dtype=np.int64)
         self.classes_ = check_pool_labels(self.name, y)

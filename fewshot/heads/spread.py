@@ -24,6 +24,7 @@ from sklearn.semi_supervised import LabelSpreading
 from sklearn.utils.validation import validate_data
 from threadpoolctl import threadpool_limits
 
+from fewshot.errors import FewshotError
 from fewshot.heads.io import Head, check_pool_labels
 
 
@@ -39,7 +40,16 @@ class SpreadHead(Head):
         self.max_iter = max_iter
         self.tol = tol
 
+    def check_params(self) -> None:
+        """One-line error for hyperparameters LabelSpreading would reject (called by fit and, early, by evaluate)."""
+        if self.k < 1 or not 0 < self.alpha < 1 or self.max_iter < 1 or self.tol < 0:
+            raise FewshotError(
+                f"heads.spread needs k >= 1, 0 < alpha < 1, max_iter >= 1 and tol >= 0 (got k={self.k}, "
+                f"alpha={self.alpha}, max_iter={self.max_iter}, tol={self.tol}); fix the recipe or --set value"
+            )
+
     def fit(self, X: Any, y: Any) -> Self:
+        self.check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
         self.classes_ = check_pool_labels(self.name, y)
         self.pool_ = X  # (N, D) support rows and pool rows
