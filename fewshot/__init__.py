@@ -1,6 +1,7 @@
 """fewshot: self-supervised ViTs (DINO, MAE) for few-shot image classification in a specialised domain.
 
-The Python API mirrors the CLI: :func:`extract`, :func:`probe`, :func:`predict`, :func:`evaluate`.
+The Python API mirrors the CLI: :func:`extract`, :func:`probe`, :func:`predict`, :func:`evaluate` and
+:func:`select_images` (``fewshot select``).
 They are imported lazily so that ``import fewshot`` (and ``fewshot --help``) stays fast.
 """
 
@@ -15,6 +16,7 @@ _API = {
     "probe": "fewshot.probing",
     "predict": "fewshot.probing",
     "evaluate": "fewshot.evaluation",
+    "select_images": "fewshot.labelling",
 }
 
 __all__ = [*_API, "__version__"]

@@ -47,6 +47,16 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a config key, e.g. `--set heads.knn.k=10` (repeat).")
 ]
 Device = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Unlabeled = Annotated[
+    str | None,
+    typer.Option("--unlabeled", help="Unlabeled images for the pool heads, beside TRAIN's images outside the support."),
+]
+AllowOverlap = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-overlap", help="Report TEST images also found in TRAIN or the pool as a warning, not an error."
+    ),
+]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the support sampling (and of the head).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -241,8 +251,13 @@ def probe(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fitted head.")],
     backbone: Backbone = None,
     shots: Annotated[int | None, typer.Option("--shots", "-k", help="Labels per class (default: all).")] = None,
-    head: Annotated[str | None, typer.Option("--head", help="knn, logreg, prototype or linear.")] = None,
+    head: Annotated[
+        str | None,
+        typer.Option("--head", help="knn, logreg, prototype, linear, spread or selftrain; add +center to centre."),
+    ] = None,
     test: Annotated[str | None, typer.Option("--test", help="Labelled images to score the head on.")] = None,
+    unlabeled: Unlabeled = None,
+    allow_overlap: AllowOverlap = None,
     seed: Seed = None,
     pool: Pool = None,
     device: Device = None,
@@ -252,16 +267,21 @@ def probe(
 ) -> None:
     """Fit a few-shot head on K labels per class of TRAIN and save it.
 
+    Pool heads (spread, selftrain, HEAD+center) also use TRAIN's other images and --unlabeled as unlabeled pool.
+
     Example: `fewshot probe data/train --backbone runs/dino --shots 5 --head logreg --test data/test --out head/`
     """
     from fewshot.probing import probe as run
 
     flags: dict[str, Any] = {"extract.backbone": backbone, "extract.pool": pool, "extract.device": device}
-    flags |= {"probe.shots": shots, "probe.head": head, "probe.seed": seed}
+    flags |= {"probe.shots": shots, "probe.head": head, "probe.seed": seed, "pool.unlabeled": unlabeled}
+    flags |= {"probe.allow_overlap": allow_overlap}
     cfg = _config(recipe, set_, flags)
     summary = run(train, out, test=test, cfg=cfg, progress=not quiet)
-    _echo_skips(summary["skipped_train"] + summary.get("skipped_test", []))
+    _echo_skips(summary["skipped_train"] + summary["skipped_unlabeled"] + summary.get("skipped_test", []))
+    _echo_overlaps(summary["overlaps"])
     extra = f", C={summary['C']:g}" if "C" in summary else ""
+    extra += f", {summary['pool_size']} unlabeled pool images" if summary["pool_size"] else ""
     typer.echo(
         f"{summary['head']} head on {summary['support_size']} labelled images "
         f"({len(summary['classes'])} classes{extra}) saved to {out}"
@@ -290,6 +310,9 @@ def predict(
 ) -> None:
     """Label new images with a saved head; writes path,label,score.
 
+    A spread head labels the images together with its saved support and pool (label spreading over all of them);
+    the other heads label each image on its own.
+
     The head's backbone is the one it was fitted on (recorded with an absolute path and its weights' sha256); a
     backbone whose weights have changed since is refused.
 
@@ -312,7 +335,24 @@ def evaluate(
     backbone: Backbones = None,
     shots: Annotated[str | None, typer.Option("--shots", help="Shot counts, e.g. 1,2,5,10.")] = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Supports drawn per shot count.")] = None,
-    heads: Annotated[str | None, typer.Option("--heads", help="e.g. knn,logreg,prototype,linear.")] = None,
+    heads: Annotated[
+        str | None,
+        typer.Option("--heads", help="e.g. knn,logreg,prototype,linear,spread,selftrain; HEAD+center centres."),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            "--select",
+            help="How supports are chosen: random (class-balanced), uniform, typiclust, probcover, kcenter; e.g. "
+            "random,typiclust. All but random pick shots x classes TRAIN images without their labels.",
+        ),
+    ] = None,
+    unlabeled: Unlabeled = None,
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", help="Backbone the others are compared with, paired by seed (default: pixels)."),
+    ] = None,
+    allow_overlap: AllowOverlap = None,
     seed: Seed = None,
     pool: Pool = None,
     device: Device = None,
@@ -320,9 +360,13 @@ def evaluate(
     set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
-    """Few-shot accuracy with 95% CIs: backbones x heads x shots x seeds, a report and a plot.
+    """Few-shot accuracy with 95% CIs: backbones x heads x shots x seeds, a report and a plot, led by paired
+    differences against a reference backbone (and of each selection strategy against random).
 
     Example: `fewshot evaluate data/train data/test -b pixels -b vit_small_patch16_224 -b runs/dino --out eval/`
+
+    With the unlabeled images: `fewshot evaluate data/train data/test -b runs/dino -b pixels --heads logreg,spread
+    --select random,typiclust --unlabeled data/unlabeled --out eval/`
     """
     from fewshot.evaluation import evaluate as run
 
@@ -331,11 +375,69 @@ def evaluate(
         "evaluate.seeds": seeds,
         "evaluate.heads": heads,
         "evaluate.seed": seed,
+        "evaluate.select": select,
+        "evaluate.reference": reference,
+        "evaluate.allow_overlap": allow_overlap,
+        "pool.unlabeled": unlabeled,
     }
     flags |= {"evaluate.backbones": backbone or None, "extract.pool": pool, "extract.device": device}
     cfg = _config(recipe, set_, flags)
     report = run(train, test, cfg=cfg, out=out, progress=not quiet)
     _print_report(report, out)
+
+
+@command
+def select(
+    images: Data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for selection.csv, the contact sheet, images/.")],
+    budget: Annotated[int | None, typer.Option("--budget", "-n", help="How many images to choose.")] = None,
+    backbone: Backbone = None,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="typiclust (default), probcover, kcenter or random.")
+    ] = None,
+    classes: Annotated[
+        int | None, typer.Option("--classes", help="Expected number of classes (probcover sets its radius by it).")
+    ] = None,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude", help="Already labelled images (a folder, or a CSV such as an earlier selection.csv)."
+        ),
+    ] = None,
+    files: Annotated[
+        str, typer.Option("--files", help="Put the chosen images in OUT/images: none, copy or link.")
+    ] = "none",
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the strategy's randomness (k-means).")] = None,
+    pool: Pool = None,
+    device: Device = None,
+    recipe: Recipe = None,
+    set_: Sets = None,
+    quiet: Quiet = False,
+) -> None:
+    """Choose which images to label first: the most typical image of each cluster of their features (TypiClust),
+    or ProbCover / k-centre / random. Labels are never read.
+
+    Writes OUT/selection.csv (path, rank, cluster, score) and OUT/contact_sheet.png; --files copy puts the images
+    in OUT/images for a labelling tool; --exclude labelled/ picks the next batch elsewhere.
+
+    Example: `fewshot select data/unlabeled -b runs/dino --budget 50 --out to_label/`
+    """
+    from fewshot.labelling import select_images
+
+    flags: dict[str, Any] = {"extract.backbone": backbone, "extract.pool": pool, "extract.device": device}
+    flags |= {"select.budget": budget, "select.strategy": strategy, "select.seed": seed, "select.classes": classes}
+    cfg = _config(recipe, set_, flags)
+    summary = select_images(images, out, cfg=cfg, exclude=exclude, files=files, progress=not quiet)
+    _echo_skips(summary["skipped"])
+    excluded = f" ({summary['excluded']} already labelled, excluded)" if summary["excluded"] else ""
+    typer.echo(
+        f"{len(summary['rows'])} of {summary['candidates']} images chosen by {summary['strategy']}{excluded}: "
+        f"{summary['csv']}, contact sheet {summary['sheets'][0]}"
+    )
+    for row in summary["rows"][:10]:
+        typer.echo(f"  {row['rank']:>4}  {row['path']}")
+    if len(summary["rows"]) > 10:
+        typer.echo(f"  ... {len(summary['rows']) - 10} more in {summary['csv']}")
 
 
 @command
@@ -445,21 +547,28 @@ def demo(
     _print_report(result["report"], out / "evaluation")
 
 
+def _echo_overlaps(overlaps: list[dict[str, str]]) -> None:
+    if overlaps:
+        shown = "; ".join(f"{o['test']} = {o['other']} ({o['with']})" for o in overlaps[:5])
+        more = f" and {len(overlaps) - 5} more (all listed in the report)" if len(overlaps) > 5 else ""
+        typer.secho(f"warning: {len(overlaps)} TEST image(s) also in TRAIN or the pool: {shown}{more}", fg="yellow")
+
+
 def _print_report(report: dict[str, Any], out: Path) -> None:
     from fewshot.report import few_seeds_note, interval
 
     _echo_skips(report.get("skipped", []))
+    _echo_overlaps(report.get("overlaps", []))
+    for line in report.get("headline", []):
+        typer.echo(line)
     results = report["results"]
     largest = max(r["shots"] for r in results)
+    several = len(report.get("select") or ["random"]) > 1
     typer.echo(f"{largest}-shot accuracy (mean ± 95% CI over {results[0]['seeds']} seeds):")
     for r in sorted((r for r in results if r["shots"] == largest), key=lambda r: -r["accuracy"]):
+        head = f"{r['head']} {r['select']}" if several else r["head"]
         score = interval(r["accuracy"], r["accuracy_ci95"], scale=1.0, digits=4)
-        typer.echo(f"  {r['backbone']:<48} {r['head']:<10} {score}")
-    for r in (r for r in report.get("vs_init", []) if r["shots"] == largest):
-        typer.echo(
-            f"  {r['backbone']} − its init {r['init']} ({r['head']}): {100 * r['mean']:+.1f} ± {100 * r['ci95']:.1f} "
-            f"points, paired over {r['n']} supports ({r['wins']} wins, {r['losses']} losses)"
-        )
+        typer.echo(f"  {r['backbone']:<48} {head:<20} {score}")
     if note := few_seeds_note(report["seeds"]):
         typer.secho(f"warning: {note}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"report: {out / 'report.md'}  plot: {out / 'label_efficiency.png'}")

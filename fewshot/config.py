@@ -89,11 +89,60 @@ class LinearConfig:
 
 
 @dataclass(frozen=True)
+class SpreadConfig:
+    """Label spreading (Zhou et al. 2004) on a k-NN graph of support + pool + scored images (transductive)."""
+
+    k: int = 20  # neighbours per image in the graph
+    alpha: float = 0.8  # weight of the neighbours against an image's own label (Zhou et al.'s alpha)
+    max_iter: int = 100
+    tol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """Logistic regression (C chosen on the support as ``logreg``), then self-training on the pool."""
+
+    criterion: str = "threshold"  # threshold | k_best (sklearn's SelfTrainingClassifier criteria)
+    threshold: float = 0.95  # criterion threshold: adopt pool images whose top probability exceeds this
+    k_best: int = 10  # criterion k_best: adopt this many of the most confident pool images per round
+    max_iter: int = 10  # rounds
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+    one_shot_c: float = 10.0
+    cv_folds: int = 5
+
+
+@dataclass(frozen=True)
 class HeadsConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    spread: SpreadConfig = field(default_factory=SpreadConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The unlabeled pool that ``spread``, ``selftrain`` and ``+center`` heads use: TRAIN's images outside the
+    support plus ``unlabeled`` (``--unlabeled``), at most ``max_images`` of them (a seeded random subset)."""
+
+    unlabeled: str | None = None
+    max_images: int = 10000
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """``fewshot select`` and the selection strategies of ``evaluate --select`` (see fewshot/selection.py)."""
+
+    strategy: str = "typiclust"  # typiclust | probcover | kcenter | random
+    budget: int | None = None  # images to choose (fewshot select --budget)
+    seed: int = 0
+    classes: int | None = None  # expected number of classes: ProbCover's k-means clusters for its radius
+    typiclust_neighbors: int = 20  # K of the typicality (Hacohen et al. 2022)
+    max_clusters: int = 500  # TypiClust's cap on k-means clusters
+    min_cluster_size: int = 5  # TypiClust skips smaller clusters (outliers)
+    probcover_alpha: float = 0.95  # share of pure balls that fixes ProbCover's radius (Yehuda et al. 2022)
+    probcover_delta: float | None = None  # the radius itself, on L2-normalised features; None: from alpha
 
 
 @dataclass(frozen=True)
@@ -101,6 +150,7 @@ class ProbeConfig:
     head: str = "logreg"
     shots: int | None = None  # labels per class drawn from TRAIN; None uses every label
     seed: int = 0
+    allow_overlap: bool = False  # TRAIN/pool images also in --test: a counted warning instead of an error
 
     def __post_init__(self) -> None:
         check(self, shots=at_least(1))
@@ -114,6 +164,10 @@ class EvaluateConfig:
     heads: tuple[str, ...] = ("knn", "logreg", "prototype")
     seed: int = 0  # first seed; episode i uses seed + i
     full_knn: bool = True  # also report k-NN with every TRAIN label
+    select: tuple[str, ...] = ("random",)  # supports: random (class-balanced), uniform, typiclust, probcover, kcenter
+    reference: str | None = None  # backbone the others are compared with, paired by seed; None: pixels if present
+    reference_head: str | None = None  # also compare every head with this one, paired by seed
+    allow_overlap: bool = False  # TEST images also in TRAIN or the pool: a counted warning instead of an error
 
     def __post_init__(self) -> None:
         check(self, shots=each(at_least(1)), seeds=at_least(1))
@@ -139,6 +193,8 @@ class Config:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 

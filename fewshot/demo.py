@@ -5,7 +5,10 @@ digits with 17 grey levels. The demo writes them as PNGs in three stratified, di
 unlabeled pool (a flat folder), a labelled TRAIN split the supports are drawn from and a TEST split (ImageFolders).
 It pretrains a tiny ViT on the unlabeled pool with self-supervision (MAE, He et al. 2022; the recipe is
 :data:`DEMO_PRETRAIN`), then evaluates the run folder against the same architecture at random init and against
-raw pixels over 1-10 shots with confidence intervals (:func:`fewshot.evaluation.evaluate`).
+raw pixels over 1-10 shots with confidence intervals (:func:`fewshot.evaluation.evaluate`). The unlabeled pool
+also helps the labels directly: supports chosen by TypiClust (Hacohen et al. 2022) beside the class-balanced random
+draw, the ``spread`` head (label spreading over support + pool + TEST) beside the inductive heads, each compared
+with paired intervals; and ``demo/selection/`` shows the first digits TypiClust would have a person label.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ DEMO_PRETRAIN: dict[str, Any] = {
     },
     "mae": {"mask_ratio": 0.75, "decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4, "reconstruct_every": 50},
 }
+# What the unlabeled images do beside pretraining (evaluate.select and evaluate.heads; the pool is the unlabeled split
+# plus TRAIN's images outside each support): see the README's "Using the unlabeled images" for the measurements.
+DEMO_EVALUATE: dict[str, Any] = {
+    "select": ("random", "typiclust"),
+    "heads": ("knn", "logreg", "prototype", "spread"),
+}
+SELECT_BUDGET = 10  # digits to label first, chosen by TypiClust from the unlabeled split (demo/selection/)
 PIXELS = "pixels:8"  # the scans at their own resolution
 # MAE's class token is a weak frozen feature: its run and its random-init twin are read with the mean of the patch
 # tokens; DINO's use extract.pool (cls unless set)
@@ -57,7 +67,7 @@ def demo_config() -> Config:
     """The demo's defaults: :data:`DEMO_PRETRAIN` as ``cfg.pretrain``; ``evaluate.backbones`` empty (extra backbones
     a user adds there are evaluated after the demo's own three)."""
     cfg = Config(evaluate=EvaluateConfig(backbones=()))
-    return apply(cfg, {"pretrain": DEMO_PRETRAIN}, source="demo recipe")
+    return apply(cfg, {"pretrain": DEMO_PRETRAIN, "evaluate": DEMO_EVALUATE}, source="demo recipe")
 
 
 def write_digits(root: Path, seed: int = 0) -> dict[str, Path]:
@@ -114,11 +124,14 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
     Returns ``report`` (the evaluation report), ``run`` (the run folder or None), ``pretrain`` (what
     :func:`fewshot.train.pretrain` returned, or None), ``method``, ``roles`` (each evaluated backbone spec: pretrained,
     random init, pixels or extra), ``folders`` (the data splits), ``unlabeled_images``, ``pretrain_seconds`` and
-    ``evaluate_seconds``.
+    ``evaluate_seconds``, ``selection`` (what :func:`fewshot.labelling.select_images` returned for the
+    :data:`SELECT_BUDGET` digits TypiClust picks from the unlabeled split, written to ``out/selection``) and
+    ``selection_classes`` (how many digit classes those picks cover: the demo knows the labels it withheld).
     """
     import dataclasses
 
     from fewshot.evaluation import check_evaluate_config, evaluate
+    from fewshot.labelling import select_images
     from fewshot.outputs import check_folder
     from fewshot.sources import open_source
     from fewshot.train import pretrain as train
@@ -134,11 +147,20 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, backbones=backbones))
     check_evaluate_config(cfg)  # a bad --set fails before minutes of pretraining
     folders = write_digits(out / "data")
+    if cfg.pool.unlabeled is None:  # the pool heads' extra images: the unlabeled split
+        cfg = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, unlabeled=str(folders["unlabeled"])))
     unlabeled = open_source(folders["unlabeled"])
     t0 = time.perf_counter()
     trained = train(unlabeled, cfg, run, progress=progress) if run is not None else None
     t1 = time.perf_counter()
     report = evaluate(folders["train"], folders["test"], cfg=cfg, out=out / "evaluation", progress=progress)
+    t2 = time.perf_counter()
+    picker = dataclasses.replace(
+        cfg,
+        extract=dataclasses.replace(cfg.extract, backbone=backbones[0]),  # the run's features (pixels without one)
+        select=dataclasses.replace(cfg.select, strategy="typiclust", budget=SELECT_BUDGET),
+    )
+    selection = select_images(folders["unlabeled"], out / "selection", cfg=picker, progress=progress)
     return {
         "report": report,
         "run": run,
@@ -148,8 +170,19 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
         "folders": folders,
         "unlabeled_images": len(unlabeled),
         "pretrain_seconds": t1 - t0,
-        "evaluate_seconds": time.perf_counter() - t1,
+        "evaluate_seconds": t2 - t1,
+        "selection": selection,
+        "selection_backbone": backbones[0],
+        "selection_classes": len(set(_digits([r["path"] for r in selection["rows"]]))),
     }
+
+
+def _digits(names: list[str]) -> list[int]:
+    """The withheld labels of demo files ``digit_NNNN.png`` (NNNN indexes scikit-learn's digits)."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    return [int(target[int(Path(name).stem.split("_")[1])]) for name in names]
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -170,7 +203,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     for backbone, role in result["roles"].items():
         rows = [r for r in report["results"] if r["backbone"] == backbone and r["shots"] == top]
         best = max(rows, key=lambda r: r["accuracy"])
-        lines.append(f"  {role:<12} {best['accuracy']:.3f} ± {best['accuracy_ci95']:.3f} {best['head']:<10} {backbone}")
+        head = best["head"] + ("" if best.get("select", "random") == "random" else f" ({best['select']})")
+        lines.append(f"  {role:<12} {best['accuracy']:.3f} ± {best['accuracy_ci95']:.3f} {head:<20} {backbone}")
+    selection = result["selection"]
+    lines.append(
+        f"TypiClust's first {len(selection['rows'])} digits to label (features of {result['selection_backbone']}) "
+        f"cover {result['selection_classes']} of 10 classes: {selection['sheets'][0]}"
+    )
     return lines
 
 

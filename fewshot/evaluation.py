@@ -12,7 +12,9 @@ label (DINO's weighted k-NN, Wu et al. 2018) gives each backbone's full-label re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,11 @@ from fewshot.errors import FewshotError
 from fewshot.features import Features
 from fewshot.sampling import sample_support
 from fewshot.stats import t_interval
+from fewshot.unlabeled import with_pool
+
+# How evaluate chooses supports: the class-balanced draw, a uniform label-blind draw of shots x classes images, or
+# a selection strategy of fewshot.selection on the features (their labels revealed after the pick).
+EVALUATE_STRATEGIES = ("random", "uniform", "typiclust", "probcover", "kcenter")
 
 
 def align_classes(train: Features, test: Features) -> Features:
@@ -57,13 +64,21 @@ def scores(confusion: np.ndarray) -> tuple[float, float]:
     return accuracy, balanced
 
 
-def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progress: bool = True) -> list[dict]:
-    """Score every backbone × head × shot count over seeded supports; one dict per configuration.
+def run_episodes(
+    feats: dict[str, tuple[Features, Features]],
+    cfg: Config,
+    progress: bool = True,
+    unlabeled: dict[str, Features] | None = None,
+) -> list[dict]:
+    """Score every backbone × selection strategy × head × shot count over seeded supports; one dict per
+    configuration.
 
     ``feats`` maps a backbone name to its (TRAIN, TEST) features; all backbones must hold the same TRAIN
-    images in the same order so that they can share supports. Each dict holds ``backbone``, ``head``,
-    ``shots``, ``seeds``, ``accuracy``, ``accuracy_ci95``, ``balanced_accuracy``, ``balanced_accuracy_ci95``,
-    ``per_seed`` and ``confusion`` (rows true, columns predicted, summed over seeds). Full-label k-NN rows
+    images in the same order so that they can share supports. ``unlabeled`` maps a backbone to the features of
+    the extra unlabeled pool (``--unlabeled``), used by pool heads with TRAIN's images outside the support. Each
+    dict holds ``backbone``, ``head``, ``select``, ``shots``, ``seeds``, ``accuracy``, ``accuracy_ci95``,
+    ``balanced_accuracy``, ``balanced_accuracy_ci95``, ``classes_covered``, ``pool_size``, ``per_seed`` and
+    ``confusion`` (rows true, columns predicted, summed over seeds). Full-label k-NN rows
     (``cfg.evaluate.full_knn``) have ``shots`` None and one seed.
     """
     from tqdm.auto import tqdm
@@ -89,11 +104,12 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
     classes = list(train0.classes)
     shots_list = sorted(set(ev.shots))
     seeds = [ev.seed + i for i in range(ev.seeds)]
+    strategies = list(dict.fromkeys(ev.select))
     # Drawn once, before any fitting: every backbone and head sees exactly these supports (paired comparison),
     # and a class with too few images fails here rather than after minutes of work.
-    supports = {(k, s): sample_support(train0.labels, k, seed=s, classes=classes) for k in shots_list for s in seeds}
+    balanced = {(k, s): sample_support(train0.labels, k, seed=s, classes=classes) for k in shots_list for s in seeds}
 
-    total = len(pairs) * (len(ev.heads) * len(shots_list) * len(seeds) + int(ev.full_knn))
+    total = len(pairs) * (len(strategies) * len(ev.heads) * len(shots_list) * len(seeds) + int(ev.full_knn))
     rows: list[dict] = []
     with tqdm(total=total, desc="episodes", unit="fit", disable=not progress) as bar:
         for backbone, (train, test) in pairs.items():
@@ -101,19 +117,31 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
             y_train = np.asarray(train.labels, dtype=np.int64)  # (N_train,)
             x_test = np.asarray(test.features, dtype=np.float32)  # (N_test, D)
             y_test = np.asarray(test.labels, dtype=np.int64)  # (N_test,)
-            for head in ev.heads:
+            x_extra = None if not unlabeled else np.asarray(unlabeled[backbone].features, dtype=np.float32)
+            for strategy in strategies:
                 for k in shots_list:
-                    bar.set_postfix_str(f"{backbone} {head} {k}-shot")
-                    per_seed, confusion = [], np.zeros((len(classes), len(classes)), dtype=np.int64)
-                    for s in seeds:
-                        idx = supports[(k, s)]
-                        model = make_head(head, cfg.heads, random_state=s).fit(x_train[idx], y_train[idx])
-                        cm = confusion_counts(y_test, model.predict(x_test), len(classes))
-                        acc, bal = scores(cm)
-                        per_seed.append({"seed": s, "accuracy": acc, "balanced_accuracy": bal})
-                        confusion += cm
-                        bar.update()
-                    rows.append(_row(backbone, head, k, per_seed, confusion))
+                    # one support per seed, shared by every head: random is the class-balanced draw; a strategy
+                    # picks k x classes images from this backbone's TRAIN features without their labels
+                    supports = {
+                        s: balanced[(k, s)]
+                        if strategy == "random"
+                        else chosen_support(x_train, y_train, k, s, strategy, cfg)
+                        for s in seeds
+                    }
+                    for head in ev.heads:
+                        bar.set_postfix_str(f"{backbone} {strategy} {head} {k}-shot")
+                        per_seed, confusion = [], np.zeros((len(classes), len(classes)), dtype=np.int64)
+                        for s in seeds:
+                            model = make_head(head, cfg.heads, random_state=s)
+                            scored, cm = _episode(
+                                model, x_train, y_train, supports[s], x_extra, x_test, y_test, len(classes), cfg, s
+                            )
+                            per_seed.append({"seed": s, **scored})
+                            confusion += cm
+                            bar.update()
+                        rows.append(_row(backbone, head, k, per_seed, confusion, select=strategy))
+                        # a strategy with little randomness (ProbCover) gives few distinct supports: say so
+                        rows[-1]["distinct_supports"] = len({tuple(v) for v in supports.values()})
             if ev.full_knn:
                 labelled = y_train >= 0
                 model = make_head("knn", cfg.heads, random_state=ev.seed).fit(x_train[labelled], y_train[labelled])
@@ -126,20 +154,80 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
     return rows
 
 
+def _episode(
+    model: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    support: np.ndarray,
+    x_extra: np.ndarray | None,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    n_classes: int,
+    cfg: Config,
+    seed: int,
+) -> tuple[dict, np.ndarray]:
+    """Fit ``model`` on the support (and, for a pool head, the pool) and score it on TEST: the per-seed scores and
+    the confusion matrix."""
+    X, y = x_train[support], y_train[support]
+    if getattr(model, "uses_pool", False):
+        X, y = with_pool(x_train, y_train, support, x_extra, cfg.pool.max_images, seed)
+    covered = np.unique(y_train[support])
+    # a selection that found a single class can only predict that class
+    pred = np.full(len(y_test), covered[0]) if len(covered) < 2 else model.fit(X, y).predict(x_test)
+    cm = confusion_counts(y_test, pred, n_classes)
+    acc, bal = scores(cm)
+    return {
+        "accuracy": acc,
+        "balanced_accuracy": bal,
+        "classes_covered": len(covered),
+        "pool_size": int((y < 0).sum()),
+    }, cm
+
+
+def chosen_support(
+    x_train: np.ndarray, y_train: np.ndarray, shots: int, seed: int, strategy: str, cfg: Config
+) -> np.ndarray:
+    """Sorted TRAIN rows that ``strategy`` picks for a budget of ``shots`` x classes, from the labelled rows'
+    features alone (their labels are revealed only after the pick). ``uniform`` is a seeded uniform draw of that
+    many images: what a person without labels gets from random picks (``random`` is the class-balanced draw)."""
+    from fewshot.selection import select
+
+    labelled = np.flatnonzero(y_train >= 0)
+    n_classes = int(y_train.max()) + 1
+    strategy = "random" if strategy == "uniform" else strategy  # selection's own random: uniform, label-blind
+    picked = select(x_train[labelled], shots * n_classes, strategy, seed=seed, n_classes=n_classes, cfg=cfg.select)
+    return np.sort(labelled[picked.indices])
+
+
 def check_evaluate_config(cfg: Config) -> None:
     """Fail fast (before any feature extraction) on an evaluate section that cannot run."""
-    from fewshot.heads import HEADS
+    from fewshot.heads import HEADS, check_head_name, make_head
 
     ev = cfg.evaluate
     if not ev.backbones:
         raise FewshotError("evaluate.backbones is empty; pass at least one, e.g. --backbone pixels")
     if not ev.heads:
         raise FewshotError(f"evaluate.heads is empty; choose from: {', '.join(HEADS)}")
-    unknown = [h for h in ev.heads if h not in HEADS]
-    if unknown:
-        raise FewshotError(f"unknown head(s) {', '.join(unknown)} in evaluate.heads; choose from: {', '.join(HEADS)}")
+    for head in (*ev.heads, *([ev.reference_head] if ev.reference_head else [])):
+        check_head_name(head)
+    for head in ev.heads:  # hyperparameters a pool head's sklearn estimator would reject, before any extraction
+        check = getattr(make_head(head, cfg.heads), "check_params", None)
+        if check is not None:
+            check()
+    if ev.reference_head and ev.reference_head not in ev.heads:
+        raise FewshotError(f"evaluate.reference_head '{ev.reference_head}' is not among the heads; add it to --heads")
     if ev.full_knn and "knn" not in HEADS:
         raise FewshotError("evaluate.full_knn needs the 'knn' head; set evaluate.full_knn=false")
+    unknown = [s for s in ev.select if s not in EVALUATE_STRATEGIES]
+    if not ev.select or unknown:
+        raise FewshotError(
+            f"evaluate.select must name selection strategies, got {list(ev.select)}; choose from "
+            f"{', '.join(EVALUATE_STRATEGIES)} (random is the class-balanced draw, uniform a label-blind one)"
+        )
+    if ev.reference is not None and ev.reference not in ev.backbones:
+        raise FewshotError(
+            f"--reference '{ev.reference}' is not one of the backbones ({', '.join(ev.backbones)}); add it with -b"
+        )
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
@@ -147,26 +235,45 @@ def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarr
     return np.bincount(y_true * n + np.asarray(y_pred, dtype=np.int64), minlength=n * n).reshape(n, n)
 
 
-def _row(backbone: str, head: str, shots: int | None, per_seed: list[dict], confusion: np.ndarray) -> dict:
+def _row(
+    backbone: str, head: str, shots: int | None, per_seed: list[dict], confusion: np.ndarray, select: str = "random"
+) -> dict:
     acc, acc_ci = t_interval([p["accuracy"] for p in per_seed])
     bal, bal_ci = t_interval([p["balanced_accuracy"] for p in per_seed])
+    covered = [p["classes_covered"] for p in per_seed if "classes_covered" in p]
     return {
         "backbone": backbone,
         "head": head,
+        "select": select,
         "shots": shots,
         "seeds": len(per_seed),
         "accuracy": acc,
         "accuracy_ci95": acc_ci,
         "balanced_accuracy": bal,
         "balanced_accuracy_ci95": bal_ci,
+        "classes_covered": float(np.mean(covered)) if covered else None,
+        "pool_size": float(np.mean([p.get("pool_size", 0) for p in per_seed])),
         "per_seed": per_seed,
         "confusion": confusion.tolist(),
     }
 
 
-def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], cfg: Config) -> dict:
-    """The report dict (what ``report.json`` holds) from :func:`run_episodes` rows and the features used."""
-    from fewshot.inits import compare_with_inits
+def build_report(
+    rows: list[dict],
+    feats: dict[str, tuple[Features, Features]],
+    cfg: Config,
+    references: Mapping[str, str] | None = None,
+    overlaps: list[dict] | None = None,
+    unlabeled: dict[str, Features] | None = None,
+) -> dict:
+    """The report dict (what ``report.json`` holds) from :func:`run_episodes` rows and the features used.
+
+    ``references`` maps a backbone to the backbone it is compared with, paired by seed (default: every backbone
+    against ``evaluate.reference``, else pixels); ``overlaps`` are TEST images allowed to also be in TRAIN or the
+    pool (:mod:`fewshot.leakage`); ``unlabeled`` the extra pool's features per backbone.
+    """
+    from fewshot.comparisons import all_comparisons, backbone_references, compare, headline
+    from fewshot.inits import init_references
 
     train, test = next(iter(feats.values()))
     classes = list(train.classes)
@@ -185,13 +292,22 @@ def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], 
         }
         best = {**{k: v for k, v in pick.items() if k != "per_seed"}, "per_class_accuracy": per_class}
     skipped = []
-    for split, index in (("train", 0), ("test", 1)):
+    splits = {"train": [p[0] for p in feats.values()], "test": [p[1] for p in feats.values()]}
+    splits["unlabeled"] = list((unlabeled or {}).values())
+    for split, parts in splits.items():
         seen = set()
-        for pair in feats.values():  # every backbone reads the same files; list each skipped file once
-            for item in pair[index].skipped:
+        for part in parts:  # every backbone reads the same files; list each skipped file once
+            for item in part.skipped:
                 if item.get("path") not in seen:
                     seen.add(item.get("path"))
                     skipped.append({"split": split, **item})
+    ev = cfg.evaluate
+    if references is None:
+        references = backbone_references(list(feats), ev.reference)
+    comparisons = all_comparisons(rows, references, ev.select, ev.heads, ev.reference_head)
+    # each run against the weights it started from, when those were evaluated too (-b RUN -b RUN:init)
+    inits = {run: init for run, init in init_references(feats).items() if references.get(run) != init}
+    comparisons += compare(results, "backbone", inits, kind="init")
     return {
         "classes": classes,
         "train_images": len(train.labels),
@@ -199,16 +315,26 @@ def build_report(rows: list[dict], feats: dict[str, tuple[Features, Features]], 
         "test_per_class": np.bincount(align_classes(train, test).labels, minlength=len(classes)).tolist(),
         "backbones": list(feats),
         "heads": list(cfg.evaluate.heads),
+        "select": list(dict.fromkeys(cfg.evaluate.select)),
         "shots": sorted(set(cfg.evaluate.shots)),
         "seeds": cfg.evaluate.seeds,
+        "headline": headline(comparisons, results),
+        "references": dict(references),
+        "comparisons": comparisons,
+        "pool": {
+            "unlabeled": cfg.pool.unlabeled,
+            "unlabeled_images": len(next(iter(unlabeled.values())).labels) if unlabeled else 0,
+            "max_images": cfg.pool.max_images,
+        },
         "results": [{k: v for k, v in r.items() if k != "confusion"} for r in results],
         "full_knn": full_knn,
-        "vs_init": compare_with_inits(results, feats),  # run − the weights it started from, paired by support
         "best": best,
         "skipped": skipped,
         "skipped_count": len(skipped),
         # warnings that travel with a backbone's features, e.g. an unfinished pretraining run
         "backbone_notes": {b: f[0].meta["backbone_note"] for b, f in feats.items() if f[0].meta.get("backbone_note")},
+        "overlaps": overlaps or [],
+        "overlap_count": len(overlaps or []),
     }
 
 
@@ -219,12 +345,16 @@ def evaluate(
     cfg: Config | None = None,
     out: Path | None = None,
     progress: bool = True,
+    references: Mapping[str, str] | None = None,
 ) -> dict:
     """Few-shot label-efficiency evaluation of ``backbones`` on a labelled TRAIN/TEST pair; returns the report.
 
     ``train`` and ``test`` are data sources as :func:`fewshot.features.extract_features` accepts them
-    (e.g. ImageFolder directories). ``backbones`` overrides ``cfg.evaluate.backbones``. With ``out``, writes
-    ``report.json``, ``report.md``, ``label_efficiency.png`` and the resolved ``config.json`` there.
+    (e.g. ImageFolder directories). ``backbones`` overrides ``cfg.evaluate.backbones``. ``references`` adds
+    ``{backbone: reference backbone}`` pairs to the paired comparisons (by default every backbone is compared with
+    ``cfg.evaluate.reference``, else pixels). Before any extraction, TEST is checked against TRAIN and the
+    unlabeled pool by file content (:mod:`fewshot.leakage`). With ``out``, writes ``report.json``, ``report.md``,
+    ``label_efficiency.png`` and the resolved ``config.json`` there.
     """
     from fewshot.outputs import check_folder, folder_lock
 
@@ -235,19 +365,33 @@ def evaluate(
         cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, backbones=tuple(backbones)))
     check_evaluate_config(cfg)
     if out is None:
-        return _evaluate(train, test, cfg, None, progress)
+        return _evaluate(train, test, cfg, None, progress, references)
     out = check_folder(out)  # before minutes of extraction
     with folder_lock(out):
-        return _evaluate(train, test, cfg, out, progress)
+        return _evaluate(train, test, cfg, out, progress, references)
 
 
-def _evaluate(train: str | Path, test: str | Path, cfg: Config, out: Path | None, progress: bool) -> dict:
+def _evaluate(
+    train: str | Path,
+    test: str | Path,
+    cfg: Config,
+    out: Path | None,
+    progress: bool,
+    references: Mapping[str, str] | None,
+) -> dict:
+    from fewshot.comparisons import backbone_references
     from fewshot.config import save_config
     from fewshot.features import extract_features
+    from fewshot.heads import make_head
+    from fewshot.leakage import check_sources
     from fewshot.report import write_report
     from fewshot.sources import no_labels_message
 
+    extra = cfg.pool.unlabeled
+    overlaps = check_sources(test, {"TRAIN": train, "the unlabeled pool": extra}, allow=cfg.evaluate.allow_overlap)
+    uses_pool = any(getattr(make_head(h, cfg.heads), "uses_pool", False) for h in cfg.evaluate.heads)
     feats: dict[str, tuple[Features, Features]] = {}
+    unlabeled: dict[str, Features] = {}
     for spec in dict.fromkeys(cfg.evaluate.backbones):  # de-duplicated, order kept
         extract_cfg = dataclasses.replace(cfg.extract, backbone=spec)
         feats[spec] = (
@@ -257,7 +401,11 @@ def _evaluate(train: str | Path, test: str | Path, cfg: Config, out: Path | None
         for split, name in ((feats[spec][0], train), (feats[spec][1], test)):
             if not split.classes:  # before any other backbone is extracted
                 raise FewshotError(no_labels_message(name) + " (evaluate needs labelled TRAIN and TEST)")
-    report = build_report(run_episodes(feats, cfg, progress=progress), feats, cfg)
+        if extra and uses_pool:
+            unlabeled[spec] = extract_features(extra, extract_cfg, progress=progress)
+    pairs = {**backbone_references(list(feats), cfg.evaluate.reference), **(references or {})}
+    rows = run_episodes(feats, cfg, progress=progress, unlabeled=unlabeled or None)
+    report = build_report(rows, feats, cfg, references=pairs, overlaps=overlaps, unlabeled=unlabeled or None)
     if out is not None:
         write_report(report, out)
         save_config(cfg, out / "config.json")

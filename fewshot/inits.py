@@ -10,8 +10,8 @@ crop_pct, interpolation), so that the run is evaluated exactly as its init is.
 
 The run folder records the init (``config.json`` → ``init``: the spec with file paths made absolute, and the
 weights' sha256), and the exported backbone repeats it in its metadata. ``RUN:init`` is then a backbone spec for
-those weights (checked against the recorded sha256), and :func:`compare_with_inits` gives the paired difference
-run − init that ``evaluate`` reports.
+those weights (checked against the recorded sha256), and :func:`init_references` pairs each run with its init so
+that ``evaluate`` reports the paired difference run − init (:mod:`fewshot.comparisons`, kind ``init``).
 """
 
 from __future__ import annotations
@@ -168,24 +168,14 @@ def started_from(spec: str) -> str | None:
     return json.loads(meta["init_sha256"]) if "init_sha256" in meta else None
 
 
-def compare_with_inits(results: list[dict], feats: dict[str, Any]) -> list[dict]:
-    """For every evaluated run that started from weights also evaluated here (``-b RUN -b RUN:init``, or the init's
-    own spec): the paired difference run − init of each head and shot count, over the same supports."""
-    from fewshot.stats import paired_difference
-
+def init_references(feats: dict[str, Any]) -> dict[str, str]:
+    """``{run: init}`` for every evaluated run that started from weights also evaluated here (``-b RUN -b RUN:init``,
+    or the init's own spec), matched by the init's recorded sha256; :mod:`fewshot.comparisons` pairs them by seed."""
     sha = {name: pair[0].meta.get("weights_sha256") for name, pair in feats.items()}
-    by = {(r["backbone"], r["head"], r["shots"]): r for r in results}
-    out = []
+    found = {}
     for run in feats:
         init_sha = started_from(run)
         init = next((b for b in feats if b != run and init_sha and sha[b] == init_sha), None)
-        if init is None:
-            continue
-        for (backbone, head, shots), r in by.items():
-            other = by.get((init, head, shots))
-            if backbone != run or other is None:
-                continue
-            d = paired_difference([p["accuracy"] for p in r["per_seed"]], [p["accuracy"] for p in other["per_seed"]])
-            out.append({"backbone": run, "init": init, "head": head, "shots": shots, **dataclasses.asdict(d),
-                        "significant": d.significant})  # fmt: skip
-    return out
+        if init is not None:
+            found[run] = init
+    return found

@@ -29,7 +29,10 @@ def probe(
 ) -> dict[str, Any]:
     """Fit ``cfg.probe.head`` on ``cfg.probe.shots`` labels per class of ``train``; save it to ``out``.
 
-    Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy.
+    Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy. A pool
+    head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support and the
+    ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is first checked
+    against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
     """
     from fewshot.backbones import absolute_spec
     from fewshot.outputs import check_folder, folder_lock
@@ -45,10 +48,16 @@ def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, s
     from fewshot.features import extract_features
     from fewshot.heads import make_head
     from fewshot.heads.io import save_head
+    from fewshot.leakage import check_sources
     from fewshot.sampling import sample_support
     from fewshot.sources import no_labels_message
 
     pcfg, typed = cfg.probe, cfg.extract.backbone
+    head = make_head(pcfg.head, cfg.heads, random_state=pcfg.seed)
+    overlaps = []
+    if test is not None:  # before any extraction: TEST must not also be in TRAIN or the pool
+        others = {"TRAIN": train, "the unlabeled pool": cfg.pool.unlabeled}
+        overlaps = check_sources(test, others, allow=cfg.probe.allow_overlap)
     ecfg = dataclasses.replace(cfg.extract, backbone=spec)
     feats = extract_features(train, ecfg, progress=progress)
     if not feats.classes:
@@ -58,8 +67,15 @@ def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, s
         support = labelled
     else:
         support = labelled[sample_support(feats.labels[labelled], pcfg.shots, pcfg.seed, feats.classes)]
-    head = make_head(pcfg.head, cfg.heads, random_state=pcfg.seed)
-    head.fit(feats.features[support], feats.labels[support])
+    X, y = feats.features[support], feats.labels[support]
+    extra = None
+    if head.uses_pool:
+        from fewshot.unlabeled import with_pool
+
+        extra = extract_features(cfg.pool.unlabeled, ecfg, progress=progress) if cfg.pool.unlabeled else None
+        x_extra = None if extra is None else extra.features
+        X, y = with_pool(feats.features, feats.labels, support, x_extra, cfg.pool.max_images, pcfg.seed)
+    head.fit(X, y)
     summary: dict[str, Any] = {
         "head": pcfg.head,
         "backbone": typed,
@@ -70,6 +86,10 @@ def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, s
         "seed": pcfg.seed,
         "train": str(train),
         "skipped_train": feats.skipped,
+        "pool_size": int((y < 0).sum()),
+        "unlabeled": cfg.pool.unlabeled if head.uses_pool else None,
+        "skipped_unlabeled": extra.skipped if extra is not None else [],
+        "overlaps": overlaps,
     }
     if hasattr(head, "C_"):
         summary["C"] = float(head.C_)
@@ -99,6 +119,9 @@ def predict(
     allow_backbone_change: bool = False,
 ) -> dict[str, Any]:
     """Label every readable image in ``images`` with a saved head; write ``path,label,score`` CSV to ``out``.
+
+    A ``spread`` head scores the images together with its saved support and pool (it spreads labels again over
+    all of them: transductive); ``selftrain`` and ``HEAD+center`` heads score each image on its own.
 
     The backbone is the one recorded in the head; if its weights changed since the head was fitted (the file was
     retrained or replaced), this refuses unless ``allow_backbone_change``. Returns

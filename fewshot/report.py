@@ -16,11 +16,16 @@ MAX_MD_CONFUSION = 30
 
 
 def write_report(report: dict, out: Path) -> None:
-    """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed)."""
+    """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed), and
+    ``paired_differences.png`` when the report holds paired comparisons."""
+    from fewshot.comparisons import plot_differences
+
     out = Path(out)
     write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text(out / "report.md", markdown(report))
     plot(report, out / "label_efficiency.png")
+    if report.get("comparisons"):
+        plot_differences(report["comparisons"], out / "paired_differences.png")
 
 
 def interval(value: float, ci: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
@@ -43,12 +48,6 @@ def few_seeds_note(seeds: int) -> str:
     return "1 seed gives no confidence interval; use --seeds 5 or more"
 
 
-
-def _points(r: dict) -> str:
-    """A paired difference in points: ``+3.1 ± 1.2``, starred when the interval excludes 0."""
-    return f"{100 * r['mean']:+.1f} ± {100 * r['ci95']:.1f}" + (" *" if r["significant"] else "")
-
-
 def _cell(text: object) -> str:
     """Markdown table cell: pipes escaped so a class name or path cannot break the table."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -60,18 +59,83 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _selects(report: dict) -> list[str]:
+    return report.get("select") or ["random"]
+
+
 def _score_table(report: dict, key: str) -> list[str]:
-    shots = report["shots"]
-    by = {(r["backbone"], r["head"], r["shots"]): r for r in report["results"]}
+    shots, selects = report["shots"], _selects(report)
+    by = {(r["backbone"], r.get("select", "random"), r["head"], r["shots"]): r for r in report["results"]}
     rows = []
     for backbone in report["backbones"]:
-        for head in report["heads"]:
-            cells = []
-            for k in shots:
-                r = by.get((backbone, head, k))
-                cells.append(interval(r[key], r[f"{key}_ci95"]) if r else "–")
-            rows.append([backbone, head, *cells])
-    return _table(["backbone", "head", *(f"{k}-shot" for k in shots)], rows)
+        for select in selects:
+            for head in report["heads"]:
+                cells = []
+                for k in shots:
+                    r = by.get((backbone, select, head, k))
+                    cells.append(interval(r[key], r[f"{key}_ci95"]) if r else "–")
+                rows.append([backbone, *([select] if len(selects) > 1 else []), head, *cells])
+    first = ["backbone", *(["select"] if len(selects) > 1 else []), "head"]
+    return _table([*first, *(f"{k}-shot" for k in shots)], rows)
+
+
+def _comparison_lines(report: dict) -> list[str]:
+    """The paired differences the report leads with: headline sentences, then the full table."""
+    from fewshot.comparisons import table
+
+    comparisons = report.get("comparisons") or []
+    if not comparisons:
+        return []
+    header, rows = table(comparisons)
+    lines = ["## Paired differences", ""]
+    lines += [f"- {s}" for s in report.get("headline", [])]
+    lines += [
+        "",
+        "Each configuration against its reference on the same seeds (for random selection, the very same supports): "
+        "mean difference in points ± half-width of the paired 95% t-interval; * marks an interval that excludes 0.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+    return lines
+
+
+def _selection_lines(report: dict) -> list[str]:
+    """How many classes each selection strategy's picks covered (the labels were revealed after the pick)."""
+    selects = [s for s in _selects(report) if s != "random"]
+    if not selects:
+        return []
+    shots = report["shots"]
+    by = {(r.get("select"), r["shots"]): r for r in report["results"]}
+    rows = [
+        [s, *(f"{by[(s, k)].get('classes_covered') or 0:.1f} ({by[(s, k)].get('distinct_supports', '?')})"
+              for k in shots if (s, k) in by)]
+        for s in selects
+    ]  # fmt: skip
+    return [
+        "## Selection",
+        "",
+        f"A strategy picks shots × {len(report['classes'])} TRAIN images from their features alone, then their "
+        "labels are revealed; random is the class-balanced draw. Classes covered, mean over seeds (in brackets: "
+        "distinct supports over the seeds; a strategy that picks the same images whatever the seed has an interval "
+        "that shows none of the luck of the draw):",
+        "",
+        *_table(["select", *(f"{k}-shot" for k in shots)], rows),
+        "",
+    ]
+
+
+def _pool_lines(report: dict) -> list[str]:
+    pool = report.get("pool") or {}
+    sizes = [r["pool_size"] for r in report["results"] if r.get("pool_size")]
+    if not sizes:
+        return []
+    extra = f" plus {pool['unlabeled_images']} images of `{pool['unlabeled']}`" if pool.get("unlabeled") else ""
+    return [
+        f"Pool heads saw TRAIN's images outside the support{extra} as unlabeled pool, capped at "
+        f"{pool.get('max_images')} images (pool.max_images): {min(sizes):.0f}–{max(sizes):.0f} per episode.",
+        "",
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -86,6 +150,17 @@ def markdown(report: dict) -> str:
         "backbone and head) ± half-width of the 95% t-interval, in %.",
         *([f"**Warning:** {note}.", ""] if (note := few_seeds_note(report["seeds"])) else [""]),
         *[f"**Warning:** {text}." for text in report.get("backbone_notes", {}).values()],
+        *(
+            [
+                "A selection strategy picks each backbone's supports from that backbone's features (seeds vary its "
+                "k-means), so its supports differ between backbones; random supports are shared."
+            ]
+            if any(s != "random" for s in _selects(report))
+            else []
+        ),
+        "",
+        *_comparison_lines(report),
+        *_pool_lines(report),
         "## Accuracy (%)",
         "",
         *_score_table(report, "accuracy"),
@@ -102,23 +177,12 @@ def markdown(report: dict) -> str:
             for r in report["full_knn"]
         ]
         lines += [*_table(["backbone", "labels", "accuracy (%)", "balanced accuracy (%)"], rows), ""]
-    if report.get("vs_init"):
-        lines += [
-            "## Each run against the weights it started from (--init)",
-            "",
-            "Paired over the same supports: mean of (run − init) accuracy, in points, ± 95% t-interval; wins / losses "
-            "count the supports.",
-            "",
-        ]
-        rows = [
-            [r["backbone"], r["init"], r["head"], str(r["shots"]), _points(r), f"{r['wins']} / {r['losses']}"]
-            for r in report["vs_init"]
-        ]
-        lines += [*_table(["run", "init", "head", "shots", "run − init (points)", "wins / losses"], rows), ""]
     best = report["best"]
     if best:
         lines += [
-            f"## Best configuration: {best['backbone']} + {best['head']}, {best['shots']}-shot",
+            f"## Best configuration: {best['backbone']} + {best['head']}"
+            + (f", {best['select']} selection" if best.get("select", "random") != "random" else "")
+            + f", {best['shots']}-shot",
             "",
             f"Accuracy {interval(best['accuracy'], best['accuracy_ci95'])} %, balanced accuracy "
             f"{interval(best['balanced_accuracy'], best['balanced_accuracy_ci95'])} % "
@@ -150,6 +214,12 @@ def markdown(report: dict) -> str:
             ]
         else:
             lines += [f"{len(classes)} classes: too wide for markdown; see `best.confusion` in report.json.", ""]
+    lines += _selection_lines(report)
+    overlaps = report.get("overlaps") or []
+    if overlaps:
+        lines += [f"## TEST images also in TRAIN or the pool ({len(overlaps)}, allowed by --allow-overlap)", ""]
+        lines += [f"- `{o['test']}` = `{o['other']}` ({o['with']})" for o in overlaps]
+        lines += [""]
     skipped = report["skipped"]
     lines += [f"## Skipped files ({len(skipped)})", ""]
     if skipped:
@@ -169,11 +239,16 @@ def plot(report: dict, path: Path) -> None:
     ax = fig.add_subplot()
     palette = [f"C{i}" for i in range(10)]
     styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D")]
+    selects = _selects(report)
     for b, backbone in enumerate(report["backbones"]):
         color = palette[b % len(palette)]
-        for h, head in enumerate(report["heads"]):
+        for h, (select, head) in enumerate((s, h) for s in selects for h in report["heads"]):
             rows = sorted(
-                (r for r in report["results"] if r["backbone"] == backbone and r["head"] == head),
+                (
+                    r
+                    for r in report["results"]
+                    if (r["backbone"], r["head"], r.get("select", "random")) == (backbone, head, select)
+                ),
                 key=lambda r: r["shots"],
             )
             if not rows:
@@ -182,7 +257,8 @@ def plot(report: dict, path: Path) -> None:
             y = [100 * r["accuracy"] for r in rows]
             ci = [100 * r["accuracy_ci95"] for r in rows]
             line, marker = styles[h % len(styles)]
-            ax.plot(x, y, line, marker=marker, color=color, label=f"{backbone} · {head}")
+            label = f"{backbone} · {head}" + (f" · {select}" if len(selects) > 1 else "")
+            ax.plot(x, y, line, marker=marker, color=color, label=label)
             ax.fill_between(
                 x,
                 [a - c for a, c in zip(y, ci, strict=True)],

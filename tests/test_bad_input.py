@@ -138,12 +138,25 @@ def test_messy_folder_extracts_good_images_and_lists_the_rest(messy: Path, tmp_p
     assert gif[0].mean() > 0.9 and gif[2].mean() < 0.1
 
 
-def labelled(root: Path, counts: dict[str, int]) -> Path:
+def labelled(root: Path, counts: dict[str, int], offset: int = 0) -> Path:
     for cls, n in counts.items():
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            photo(seed=i + 100 * len(cls)).save(root / cls / f"{i}.png")
+            photo(seed=offset + i + 100 * len(cls)).save(root / cls / f"{i}.png")
     return root
+
+
+def _copied(t: Path, into: str) -> list[object]:
+    """evaluate TRAIN TEST where one TEST image was copied, under another name, into TRAIN or the pool."""
+    train, test = labelled(t / "tr", {"a": 3, "b": 3}), labelled(t / "te", {"a": 2, "b": 2}, offset=50)
+    pool = t / "pool"
+    pool.mkdir()
+    photo(seed=999).save(pool / "u_0000.png")
+    (train / "a" / "copy.png" if into == "train" else pool / "u_0001.png").write_bytes(
+        (test / "b" / "1.png").read_bytes()
+    )
+    return ["evaluate", train, test, "-b", "pixels:4", "--shots", "1", "--seeds", "1", "--heads", "spread",
+            "--unlabeled", pool, "-o", t / "ev"]  # fmt: skip
 
 
 CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
@@ -165,7 +178,7 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         lambda t: [
             "evaluate",
             labelled(t / "tr", {"a": 3, "b": 3}),
-            labelled(t / "te", {"a": 2, "zebra": 2}),
+            labelled(t / "te", {"a": 2, "zebra": 2}, offset=50),
             "-b",
             "pixels:4",
             "--shots",
@@ -195,7 +208,12 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
     ),
     "pickle that runs code": (
         lambda t: [
-            "extract", labelled(t / "d", {"a": 1}), "-b", _evil(t) + ":arch=vit_tiny_patch16_224", "-o", _feats(t)
+            "extract",
+            labelled(t / "d", {"a": 1}),
+            "-b",
+            _evil(t) + ":arch=vit_tiny_patch16_224",
+            "-o",
+            _feats(t),
         ],
         ("refusing to load",),
     ),
@@ -225,8 +243,14 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("--batch-size must be ≥ 1, got -4",),
     ),
     "a text file named .pth": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", _text_pth(t) + ":arch=vit_tiny_patch16_224", "-o",
-                   _feats(t)],
+        lambda t: [
+            "extract",
+            labelled(t / "d", {"a": 1}),
+            "-b",
+            _text_pth(t) + ":arch=vit_tiny_patch16_224",
+            "-o",
+            _feats(t),
+        ],
         ("is not a PyTorch checkpoint",),
     ),
     "a text file named .pth as --init": (
@@ -286,8 +310,16 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("leaves 1 blank (line(s) 3)",),
     ),
     "a manifest listing each image twice counts each once": (
-        lambda t: ["probe", _manifest(t, "a.png,hat\nb.png,cap\n" * 2), "-b", "pixels:4", "--shots", "2", "-o",
-                   t / "h"],
+        lambda t: [
+            "probe",
+            _manifest(t, "a.png,hat\nb.png,cap\n" * 2),
+            "-b",
+            "pixels:4",
+            "--shots",
+            "2",
+            "-o",
+            t / "h",
+        ],
         ("class 'cap' has 1 labelled image(s), fewer than the 2 shots",),
     ),
     "a stray image at an ImageFolder's root": (
@@ -295,9 +327,78 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("but also 1 image(s) beside them (stray.png)", "imagefolder:"),
     ),
     "weights that leave half the model random": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", _tiny_weights(t).replace("depth=2", "depth=4"), "-o",
-                   _feats(t)],
+        lambda t: [
+            "extract",
+            labelled(t / "d", {"a": 1}),
+            "-b",
+            _tiny_weights(t).replace("depth=2", "depth=4"),
+            "-o",
+            _feats(t),
+        ],
         ("leave 49% of the model's parameters at random init", ":strict=false"),
+    ),
+    "unknown head suffix": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--heads", "knn+whiten", "-o", t / "ev"],
+        ("unknown head 'knn+whiten'", "+center"),
+    ),
+    "TEST image copied into TRAIN": (lambda t: _copied(t, "train"), ("also in TRAIN", "b/1.png = a/copy.png")),
+    "TEST image copied into the pool": (
+        lambda t: _copied(t, "pool"),
+        ("also in the unlabeled pool", "b/1.png = u_0001.png", "--allow-overlap"),
+    ),
+    "unknown selection strategy": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--select", "random,best", "-o", t / "ev"],
+        ("evaluate.select", "typiclust"),
+    ),
+    "reference is not a backbone": (
+        lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--reference", "pixels:8", "-o", t / "ev"],
+        ("--reference 'pixels:8' is not one of the backbones",),
+    ),
+    "select budget beyond the images": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "--budget", "5", "-o", t / "s"],
+        ("only 3 are not yet labelled", "lower --budget"),
+    ),
+    "select without a budget": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "-o", t / "s"],
+        ("--budget must be a positive number",),
+    ),
+    "probcover without a class count": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "--strategy", "probcover", "-n", "2", "-o", t / "s"],
+        ("--classes N",),
+    ),
+    "spread with no neighbours": (
+        lambda t: [
+            "evaluate",
+            *_pair(t),
+            "-b",
+            "pixels:4",
+            "--heads",
+            "spread",
+            "-s",
+            "heads.spread.k=0",
+            "-o",
+            t / "e",
+        ],
+        ("heads.spread needs k >= 1",),
+    ),
+    "selftrain threshold above 1": (
+        lambda t: [
+            "evaluate",
+            *_pair(t),
+            "-b",
+            "pixels:4",
+            "--heads",
+            "selftrain",
+            "-s",
+            "heads.selftrain.threshold=2",
+            "-o",
+            t / "e",
+        ],
+        ("heads.selftrain needs", "0 <= threshold < 1"),
+    ),
+    "select excluding a missing folder": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-n", "1", "--exclude", t / "nope", "-o", t / "s"],
+        ("--exclude", "does not exist"),
     ),
 }
 
@@ -313,8 +414,7 @@ def _pretrain(t: Path, *extra: object) -> list[object]:
 
 
 def _evaluate_args(t: Path) -> list[object]:
-    data = labelled(t / "d", {"a": 2, "b": 2})
-    return ["evaluate", data, data, "-b", "pixels:4", "--shots", "1", "--seeds", "2"]
+    return ["evaluate", *_pair(t), "-b", "pixels:4", "--shots", "1", "--seeds", "2"]
 
 
 def _manifest(t: Path, rows: str) -> Path:
@@ -335,6 +435,10 @@ def _text_pth(t: Path) -> str:
 
 def _feats(t: Path) -> Path:
     return t / "f.safetensors"
+
+
+def _pair(t: Path) -> list[Path]:
+    return [labelled(t / "tr", {"a": 3, "b": 3}), labelled(t / "te", {"a": 2, "b": 2}, offset=50)]
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -444,9 +548,10 @@ def test_partial_loads_are_reported_and_refused_unless_asked(tmp_path: Path) -> 
 def test_an_unfinished_run_warns_and_the_report_records_it(tmp_path: Path) -> None:
     import json
 
-    data = labelled(tmp_path / "d", {"a": 2, "b": 2})
     run_dir = _run_folder(tmp_path / "run", seed=1, step=48, total=400)
-    code, out = run("evaluate", data, data, "-b", run_dir, "--shots", "1", "--seeds", "3", "-o", tmp_path / "ev", "-q")
+    code, out = run(
+        "evaluate", *_pair(tmp_path), "-b", run_dir, "--shots", "1", "--seeds", "3", "-o", tmp_path / "ev", "-q"
+    )
     assert code == 0, out
     assert "warning:" in out and "unfinished run: step 48 of 400" in out
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
@@ -464,7 +569,7 @@ def test_two_seeds_give_a_clipped_interval_and_a_warning(tmp_path: Path) -> None
 
 def test_a_test_set_with_fewer_classes_leaks_no_sklearn_warning(tmp_path: Path) -> None:
     train = labelled(tmp_path / "tr", {"a": 3, "b": 3, "c": 3})
-    test = labelled(tmp_path / "te", {"a": 2})
+    test = labelled(tmp_path / "te", {"a": 2}, offset=50)
     code, out = run("probe", train, "-b", "pixels:4", "--test", test, "-o", tmp_path / "h", "-q")
     assert code == 0 and "test accuracy" in out, out
     assert "y_pred contains classes not in y_true" not in out and "Warning" not in out

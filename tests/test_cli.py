@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fewshot.cli import app
-from tests.conftest import TINY_VIT
+from tests.conftest import TINY_VIT, write_digits_folder
 
 runner = CliRunner()
-COMMANDS = ["pretrain", "extract", "probe", "predict", "evaluate", "attention", "demo"]
+COMMANDS = ["pretrain", "extract", "probe", "predict", "evaluate", "select", "attention", "demo"]
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -115,3 +115,56 @@ def test_commands_that_cannot_share_work_refuse_torchrun(
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, out = run("evaluate", digits[0], digits[1], "-b", "pixels")
     assert code == 2 and "runs in one process" in out
+
+
+def test_evaluate_with_selection_pool_heads_and_a_reference(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    train, test = digits
+    pool = write_digits_folder(tmp_path / "pool", per_class=5, offset=16)
+    args = [train, test, "-b", "pixels:8", "-b", TINY_VIT, "--shots", "1,2", "--seeds", "2", "--reference", TINY_VIT]
+    args += ["--heads", "knn,spread,selftrain,prototype+center", "--select", "random,typiclust,kcenter"]
+    code, out = run("evaluate", *args, "--unlabeled", pool, "--out", tmp_path / "ev", "-q")
+    assert code == 0, out
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["references"] == {"pixels:8": TINY_VIT} and report["select"] == ["random", "typiclust", "kcenter"]
+    assert len(report["results"]) == 2 * 3 * 4 * 2  # backbones x strategies x heads x shots
+    spread = next(r for r in report["results"] if r["head"] == "spread" and r["shots"] == 1)
+    assert spread["pool_size"] == 40 - 4 + 20  # TRAIN outside the 1-shot support + the --unlabeled folder
+    fields = {c["field"] for c in report["comparisons"]}
+    assert fields == {"backbone", "select"}
+    assert report["headline"][0] in out  # the terminal leads with the paired differences too
+    saved = json.loads((tmp_path / "ev" / "config.json").read_text())["config"]
+    assert saved["pool"]["unlabeled"] == str(pool) and saved["evaluate"]["reference"] == TINY_VIT
+
+
+def test_probe_a_pool_head_then_predict(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    train, test = digits
+    pool = write_digits_folder(tmp_path / "pool", per_class=5, offset=16)
+    for head in ("spread", "logreg+center"):
+        args = ["probe", train, "-b", "pixels:8", "--shots", "2", "--head", head, "--unlabeled", pool]
+        code, out = run(*args, "--test", test, "-o", tmp_path / head, "-q")
+        assert code == 0, out
+        assert "8 labelled images" in out and "52 unlabeled pool images" in out  # 40 - 8 in TRAIN + 20
+        probe_accuracy = float(out.split("test accuracy ")[1].split(",")[0])
+        code, out = run("predict", test, "--head", tmp_path / head, "--out", tmp_path / f"{head}.csv", "-q")
+        assert code == 0, out
+        lines = (tmp_path / f"{head}.csv").read_text().splitlines()[1:]
+        right = [line.split(",")[0].split("/")[0] == line.split(",")[1] for line in lines]
+        assert len(right) == 24 and sum(right) / 24 == pytest.approx(probe_accuracy, abs=1e-4)  # the same labels
+
+
+def test_allow_overlap_turns_the_error_into_a_listed_warning(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    train, test = digits
+    victim = sorted((test / "1").glob("*.png"))[0]
+    copy = tmp_path / "train"
+    shutil.copytree(train, copy)
+    shutil.copy(victim, copy / "0" / "again.png")
+    args = [copy, test, "-b", "pixels:8", "--shots", "1", "--seeds", "1", "--heads", "knn", "-o", tmp_path / "ev"]
+    code, out = run("evaluate", *args, "-q")
+    assert code == 2 and "also in TRAIN" in out
+    code, out = run("evaluate", *args, "--allow-overlap", "-q")
+    assert code == 0 and "warning: 1 TEST image(s) also in TRAIN" in out
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["overlaps"] == [{"with": "TRAIN", "test": f"1/{victim.name}", "other": "0/again.png"}]
+    assert "allowed by --allow-overlap" in (tmp_path / "ev" / "report.md").read_text()

@@ -55,6 +55,13 @@ def test_demo_pretrains_then_compares_run_random_init_and_pixels(tmp_path: Path)
     pixels = max(r["accuracy"] for r in report["results"] if r["backbone"] == PIXELS and r["shots"] == 5)
     assert pixels > 0.6  # digits from 5 labels per class: far above chance (0.1), so splits and labels line up
     assert "pretrained" in out and "random init" in out and str(runs[0]) in out
+    # the unlabeled split also serves as pool and for selection: TypiClust supports beside random, and the first
+    # digits to label, chosen on the run's features, on a contact sheet
+    assert report["select"] == ["random", "typiclust"]
+    assert report["pool"]["unlabeled"] == str(tmp_path / "data" / "unlabeled")
+    picked = (tmp_path / "selection" / "selection.csv").read_text().splitlines()
+    assert len(picked) == 1 + 10 and (tmp_path / "selection" / "contact_sheet.png").is_file()
+    assert "TypiClust's first 10 digits to label" in out and "of 10 classes" in out
 
     # the run folder is a backbone spec for every other command
     code, ext = run("extract", tmp_path / "data" / "test", "-b", run_spec, "-o", tmp_path / "f.safetensors", "-q")

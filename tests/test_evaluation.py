@@ -63,9 +63,15 @@ def stand_in_heads(record: list | None = None) -> types.ModuleType:
                 return ((x[:, None, :] - self.means_[None]) ** 2).sum(-1).argmin(axis=1)
             return self.model_.predict(x)
 
+    def check_head_name(name):
+        if name not in module.HEADS:
+            raise FewshotError(f"unknown head '{name}'")
+        return name
+
     module = types.ModuleType("fewshot.heads")
     module.HEADS = {"knn": Head, "logreg": Head, "prototype": Head}
     module.make_head = lambda name, cfg, random_state=None: Head(name, cfg, random_state)
+    module.check_head_name = check_head_name
     return module
 
 
@@ -165,6 +171,7 @@ def test_unknown_head_fails_before_any_work(heads):
 
 def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(heads, monkeypatch, tmp_path):
     import fewshot.features
+    import fewshot.leakage
 
     calls = []
 
@@ -176,6 +183,7 @@ def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(heads, monkeyp
         return dataclasses.replace(f, skipped=[{"path": f"{source}/broken.jpg", "reason": "cannot identify image"}])
 
     monkeypatch.setattr(fewshot.features, "extract_features", fake_extract, raising=False)
+    monkeypatch.setattr(fewshot.leakage, "check_sources", lambda *args, **kwargs: [])  # no files behind the names
     cfg = config(shots=(1, 2), seeds=2, heads=("knn", "prototype"))
     report = evaluate("TRAIN", "TEST", backbones=["blobs", "noise"], cfg=cfg, out=tmp_path, progress=False)
 
@@ -187,3 +195,57 @@ def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(heads, monkeyp
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["config"]["evaluate"]["backbones"] == ["blobs", "noise"]  # the override is what was run
+
+
+def test_selection_strategies_pick_per_backbone_and_report_coverage():
+    train, test = blobs(12, spread=0.5), blobs(4, seed=6)
+    strategies = ("random", "uniform", "typiclust")
+    cfg = config(shots=(1, 2), seeds=3, heads=("prototype",), select=strategies, full_knn=False)
+    rows = run_episodes({"x": (train, test)}, cfg, progress=False)
+    assert {(r["select"], r["shots"]) for r in rows} == {(s, k) for s in strategies for k in (1, 2)}
+    for r in rows:
+        assert all(1 <= p["classes_covered"] <= len(CLASSES) for p in r["per_seed"])
+        if r["select"] == "random":
+            assert r["classes_covered"] == len(CLASSES)  # the class-balanced draw covers every class
+    typi = next(r for r in rows if r["select"] == "typiclust" and r["shots"] == 1)
+    assert typi["classes_covered"] == len(CLASSES)  # well-separated blobs: one typical image per blob
+    uniform = next(r for r in rows if r["select"] == "uniform" and r["shots"] == 1)
+    assert uniform["classes_covered"] < len(CLASSES)  # 5 label-blind picks from 5 classes rarely hit all 5
+    assert uniform["distinct_supports"] == 3
+
+
+def test_pool_heads_get_train_outside_the_support_and_the_extra_pool():
+    train, test = blobs(8, spread=0.5), blobs(4, seed=6)
+    extra = blobs(3, seed=11)
+    cfg = config(shots=(2,), seeds=2, heads=("spread", "logreg+center", "knn"), full_knn=False)
+    rows = run_episodes({"x": (train, test)}, cfg, progress=False, unlabeled={"x": extra})
+    sizes = {r["head"]: r["pool_size"] for r in rows}
+    assert sizes == {"spread": 40 - 10 + 15, "logreg+center": 40 - 10 + 15, "knn": 0}
+    assert all(r["accuracy"] > 0.9 for r in rows)
+    capped = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, max_images=12))
+    rows = run_episodes({"x": (train, test)}, capped, progress=False, unlabeled={"x": extra})
+    assert {r["head"]: r["pool_size"] for r in rows} == {"spread": 12, "logreg+center": 12, "knn": 0}
+
+
+def test_report_leads_with_paired_differences_against_pixels(heads, monkeypatch, tmp_path):
+    import fewshot.features
+    import fewshot.leakage
+
+    def fake_extract(source, cfg, progress=True):
+        f = blobs(10, seed=0) if source == "TRAIN" else blobs(5, seed=1)
+        return noise_like(f) if cfg.backbone == "pixels" else f
+
+    monkeypatch.setattr(fewshot.features, "extract_features", fake_extract, raising=False)
+    monkeypatch.setattr(fewshot.leakage, "check_sources", lambda *args, **kwargs: [])
+    cfg = config(shots=(1, 2), seeds=3, heads=("knn", "prototype"))
+    report = evaluate("TRAIN", "TEST", backbones=["runs/good", "pixels"], cfg=cfg, out=tmp_path, progress=False)
+    assert report["references"] == {"runs/good": "pixels"}
+    assert {(c["backbone"], c["head"], c["shots"]) for c in report["comparisons"]} == {
+        ("runs/good", h, k) for h in ("knn", "prototype") for k in (1, 2)
+    }
+    assert report["headline"] and report["headline"][0].startswith("runs/good beats pixels by +")
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Paired differences") < md.index("## Accuracy (%)")
+    assert (tmp_path / "paired_differences.png").is_file()
+    again = evaluate("TRAIN", "TEST", ["runs/good", "pixels"], cfg, progress=False, references={"pixels": "runs/good"})
+    assert {c["backbone"] for c in again["comparisons"]} == {"runs/good", "pixels"}  # extra pairs are added

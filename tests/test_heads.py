@@ -189,7 +189,7 @@ def test_make_head_reads_its_config_section() -> None:
     linear = make_head("linear", cfg, random_state=11)
     assert isinstance(linear, LinearHead) and (linear.epochs, linear.random_state) == (7, 11)
     assert make_head("logreg", cfg).get_params()["c_grid"] == cfg.logreg.c_grid
-    assert set(HEADS) == {"knn", "logreg", "prototype", "linear"}
+    assert set(HEADS) == {"knn", "logreg", "prototype", "linear", "spread", "selftrain"}
 
 
 def test_make_head_unknown_name_lists_valid_heads() -> None:
@@ -210,7 +210,7 @@ def test_load_head_bad_files_are_one_line_errors(tmp_path) -> None:
         load_head(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["knn", "logreg", "prototype", "linear"])
+@pytest.mark.parametrize("name", ["knn", "logreg", "prototype", "linear", "spread", "selftrain"])
 def test_each_head_defaults_to_its_config_section(name: str) -> None:
     """One home for defaults: a head built without arguments has exactly its config section's values."""
     import dataclasses

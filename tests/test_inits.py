@@ -122,16 +122,18 @@ def test_evaluate_reports_run_minus_init_over_the_same_supports(digits: tuple[Pa
     run, _ = adapted
     report = evaluate(*digits, backbones=[f"{run}:pool=avg", f"{run}:init:pool=avg", "pixels:8"], out=tmp_path / "e")
     assert report["seeds"] == 10
-    rows = report["vs_init"]
+    rows = [c for c in report["comparisons"] if c["kind"] == "init"]
     assert {(r["head"], r["shots"]) for r in rows} == {(h, k) for h in report["heads"] for k in report["shots"]}
     by = {(r["backbone"], r["head"], r["shots"]): r for r in report["results"]}
     for r in rows:
-        assert (r["backbone"], r["init"], r["n"]) == (f"{run}:pool=avg", f"{run}:init:pool=avg", 10)
-        a, b = by[(r["backbone"], r["head"], r["shots"])], by[(r["init"], r["head"], r["shots"])]
+        assert (r["backbone"], r["reference"], r["n"]) == (f"{run}:pool=avg", f"{run}:init:pool=avg", 10)
+        a, b = by[(r["backbone"], r["head"], r["shots"])], by[(r["reference"], r["head"], r["shots"])]
         diffs = [x["accuracy"] - y["accuracy"] for x, y in zip(a["per_seed"], b["per_seed"], strict=True)]
-        assert r["mean"] == pytest.approx(sum(diffs) / len(diffs))
+        assert r["difference"] == pytest.approx(sum(diffs) / len(diffs))
         assert r["wins"] == sum(d > 0 for d in diffs) and r["losses"] == sum(d < 0 for d in diffs)
-    assert "against the weights it started from" in (tmp_path / "e" / "report.md").read_text()
+    headline = " ".join(report["headline"])
+    assert f"{run}:pool=avg" in headline and f"{run}:init:pool=avg" in headline  # run − init leads the report
+    assert f"| {run}:init:pool=avg |" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_run_init_is_refused_when_the_weights_changed(adapted) -> None:

@@ -2,7 +2,12 @@
 
 Every head subclasses :class:`Head` and keeps one contract: ``to_state()`` returns its learned state as named
 numpy arrays (0-d arrays for scalars such as ``C_``), and ``from_state(params, state)`` rebuilds a fitted head
-that predicts identically. Scalars go to the JSON file (readable), everything else to safetensors.
+that predicts identically. Scalars go to the JSON file (readable), everything else to safetensors. A head that
+wraps another (``CenteredHead``) has that head as a hyperparameter: it is written as its name and hyperparameters
+and rebuilt, unfitted, before ``from_state``.
+
+Heads with ``uses_pool`` take the unlabeled pool in ``fit`` by scikit-learn's semi-supervised convention: pool rows
+carry the label -1.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Head(ClassifierMixin, BaseEstimator):
     """Shared input checks and the persistence contract of every few-shot head."""
 
     name: ClassVar[str]  # registry key, written to head.json
+    uses_pool: ClassVar[bool] = False  # fit takes support + pool rows, the pool labelled -1
 
     def _validate_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         """Check ``X`` (N, D) float32 and ``y`` (N,) labels; set ``classes_`` and ``n_features_in_``."""
@@ -62,6 +68,39 @@ class Head(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
 
+def check_pool_labels(name: str, y: np.ndarray) -> np.ndarray:
+    """The classes of a support + pool label vector (-1 = pool); at least 2 classes must be labelled."""
+    check_classification_targets(y)
+    classes = np.unique(y[np.asarray(y) >= 0])
+    if len(classes) < 2:
+        raise FewshotError(
+            f"the {name} head needs labelled examples of at least 2 classes, got {len(classes)}; "
+            "add images of another class"
+        )
+    return classes
+
+
+def _params_to_json(head: Head) -> dict[str, Any]:
+    """Hyperparameters for head.json; a wrapped head becomes {"head": name, "params": {...}}."""
+    return {
+        k: {"head": v.name, "params": _params_to_json(v)} if isinstance(v, Head) else v
+        for k, v in head.get_params(deep=False).items()
+    }
+
+
+def _params_from_json(params: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_params_to_json`: lists back to tuples (JSON has no tuples), wrapped heads rebuilt."""
+    from fewshot.heads import ALL_HEADS  # here, not at the top: fewshot.heads imports this module
+
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and set(v) == {"head", "params"} and v["head"] in ALL_HEADS:
+            out[k] = ALL_HEADS[v["head"]](**_params_from_json(v["params"]))
+        else:
+            out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def save_head(head: Head, directory: Path, info: Mapping[str, Any]) -> None:
     """Write ``head.safetensors`` (learned arrays) and ``head.json`` (name, hyperparameters, scalars, ``info``)."""
     check_is_fitted(head)
@@ -74,7 +113,7 @@ def save_head(head: Head, directory: Path, info: Mapping[str, Any]) -> None:
         "format": FORMAT,
         "version": VERSION,
         "head": head.name,
-        "params": head.get_params(deep=False),
+        "params": _params_to_json(head),
         "learned": scalars,
         "info": dict(info),
     }
@@ -91,7 +130,7 @@ def load_head(directory: Path) -> tuple[Head, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from fewshot.heads import HEADS  # here, not at the top: fewshot.heads imports this module
+    from fewshot.heads import ALL_HEADS  # here, not at the top: fewshot.heads imports this module
 
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
@@ -108,8 +147,8 @@ def load_head(directory: Path) -> tuple[Head, dict[str, Any]]:
     if meta.get("version") != VERSION:
         raise FewshotError(f"{meta_path} has head format version {meta.get('version')}, expected {VERSION}; {redo}")
     name = meta.get("head")
-    if name not in HEADS:
-        raise FewshotError(f"{meta_path} names unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    if name not in ALL_HEADS:
+        raise FewshotError(f"{meta_path} names unknown head {name!r}; valid heads: {', '.join(ALL_HEADS)}")
     try:
         arrays = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -117,11 +156,10 @@ def load_head(directory: Path) -> tuple[Head, dict[str, Any]]:
     params, learned, info = meta.get("params"), meta.get("learned"), meta.get("info")
     if not (isinstance(params, dict) and isinstance(learned, dict) and isinstance(info, dict)):
         raise FewshotError(f"{meta_path} lacks its 'params', 'learned' or 'info' section; {redo}")
-    # JSON turns tuples into lists; hyperparameters such as c_grid are tuples in the config.
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     state: dict[str, np.ndarray] = {**arrays, **{k: np.asarray(v) for k, v in learned.items()}}
     try:
-        head = HEADS[name].from_state(params, state)
+        # JSON turns tuples into lists; hyperparameters such as c_grid are tuples in the config.
+        head = ALL_HEADS[name].from_state(_params_from_json(params), state)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise FewshotError(f"{directory} holds an incomplete or incompatible {name} head ({exc}); {redo}") from None
     return head, info

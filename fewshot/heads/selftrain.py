@@ -1,0 +1,105 @@
+"""Self-training (Yarowsky 1995; scikit-learn's ``SelfTrainingClassifier``) of the ``logreg`` head on the pool.
+
+The ``logreg`` head is first fitted on the support alone, which fixes C by its stratified CV (or ``one_shot_c``
+with 1 shot), so the labels alone choose the regularisation. Then sklearn's ``SelfTrainingClassifier`` refits that
+head with C fixed, adding at each of ``max_iter`` rounds, with its predicted class as label, every pool image whose
+top probability exceeds ``threshold`` (``criterion="threshold"``) or the ``k_best`` most confident ones
+(``criterion="k_best"``); sklearn's convention: pool rows carry -1. The result is a
+logistic regression like ``logreg``'s: inductive, so ``predict`` scores new images without the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+import numpy as np
+from sklearn.semi_supervised import SelfTrainingClassifier
+from sklearn.utils.validation import validate_data
+
+from fewshot.config import SelfTrainConfig
+from fewshot.errors import FewshotError
+from fewshot.heads.io import Head, check_pool_labels
+from fewshot.heads.logreg import LogRegHead
+
+
+class SelfTrainHead(Head):
+    """``logreg`` self-trained on the pool; ``C_`` from the support, ``pseudo_labelled_`` pool images adopted."""
+
+    name: ClassVar[str] = "selftrain"
+    uses_pool: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        criterion: str = SelfTrainConfig.criterion,
+        threshold: float = SelfTrainConfig.threshold,
+        k_best: int = SelfTrainConfig.k_best,
+        max_iter: int = SelfTrainConfig.max_iter,
+        c_grid: tuple[float, ...] = SelfTrainConfig.c_grid,
+        one_shot_c: float = SelfTrainConfig.one_shot_c,
+        cv_folds: int = SelfTrainConfig.cv_folds,
+    ) -> None:
+        self.criterion = criterion
+        self.threshold = threshold
+        self.k_best = k_best
+        self.max_iter = max_iter
+        self.c_grid = c_grid
+        self.one_shot_c = one_shot_c
+        self.cv_folds = cv_folds
+
+    def check_params(self) -> None:
+        """One-line error for settings SelfTrainingClassifier would reject (called by fit and, early, by evaluate)."""
+        if (
+            self.criterion not in ("threshold", "k_best")
+            or not 0 <= self.threshold < 1
+            or min(self.k_best, self.max_iter) < 1
+        ):
+            raise FewshotError(
+                f"heads.selftrain needs criterion threshold or k_best, 0 <= threshold < 1, k_best >= 1 and max_iter "
+                f">= 1 (got {self.criterion}, {self.threshold}, {self.k_best}, {self.max_iter}); fix the recipe or "
+                "--set value"
+            )
+
+    def fit(self, X: Any, y: Any) -> Self:
+        self.check_params()
+        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
+        y = np.asarray(y, dtype=np.int64)
+        self.classes_ = check_pool_labels(self.name, y)
+        labelled = y >= 0
+        support = LogRegHead(c_grid=self.c_grid, one_shot_c=self.one_shot_c, cv_folds=self.cv_folds)
+        support.fit(X[labelled], y[labelled])
+        self.C_ = support.C_
+        if labelled.all():  # no pool: self-training has nothing to add
+            self.logreg_, self.pseudo_labelled_ = support, 0
+            return self
+        fixed = LogRegHead(c_grid=(self.C_,), one_shot_c=self.C_, cv_folds=self.cv_folds)
+        model = SelfTrainingClassifier(
+            fixed,
+            criterion=self.criterion,
+            threshold=self.threshold,
+            k_best=min(self.k_best, int((~labelled).sum())),
+            max_iter=self.max_iter,
+        ).fit(X, y)
+        self.logreg_ = model.estimator_
+        self.pseudo_labelled_ = int(((model.labeled_iter_ > 0) & ~labelled).sum())
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.logreg_.predict_proba(self._validate_predict(X))  # (Q, C)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.logreg_.predict(self._validate_predict(X))  # (Q,)
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        return {**self.logreg_.to_state(), "pseudo_labelled": np.asarray(self.pseudo_labelled_)}
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
+        head = cls(**params)
+        head.logreg_ = LogRegHead.from_state({"c_grid": head.c_grid, "one_shot_c": head.one_shot_c}, state)
+        head.classes_ = head.logreg_.classes_
+        head.n_features_in_ = head.logreg_.n_features_in_
+        head.C_ = head.logreg_.C_
+        head.pseudo_labelled_ = int(state["pseudo_labelled"])
+        return head

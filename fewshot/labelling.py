@@ -1,0 +1,158 @@
+"""``fewshot select``: which images to label first, as files a person can act on.
+
+Frozen features of the images (cached, as every command), a selection strategy from :mod:`fewshot.selection`, and
+three outputs in ``--out``: ``selection.csv`` (path, rank, cluster, score; paths relative to the images), contact
+sheets of the chosen images in rank order (people label from pictures), and optionally the chosen files copied or
+linked into ``images/`` under ``RANK_name`` for a labelling tool. ``--exclude`` names images that are labelled
+already (a folder, or a CSV with a ``path`` column such as an earlier ``selection.csv``): they are matched by path
+or by file content, never chosen again, and count as covering their neighbourhood, so the next batch goes elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewshot.config import Config, save_config
+from fewshot.errors import FewshotError
+
+SHEET = "contact_sheet.png"
+PER_PAGE, COLUMNS, THUMB = 100, 10, 96
+LINK_MODES = ("none", "copy", "link")
+
+
+def select_images(
+    images: str | Path,
+    out: str | Path,
+    cfg: Config | None = None,
+    exclude: str | Path | None = None,
+    files: str = "none",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose ``cfg.select.budget`` images of ``images`` to label with ``cfg.select.strategy``; write the outputs.
+
+    ``files`` is ``none``, ``copy`` or ``link`` (symbolic links) for ``out/images``. Returns a summary with the
+    chosen ``rows`` ({path, rank, cluster, score}), ``excluded`` (how many images were already labelled), the
+    strategy's ``details``, the written ``csv`` and ``sheets``, and ``skipped`` (unreadable files).
+    """
+    from fewshot.features import extract_features
+    from fewshot.selection import STRATEGIES, select
+    from fewshot.sources import open_source
+
+    cfg = cfg or Config()
+    scfg = cfg.select
+    if scfg.strategy not in STRATEGIES:
+        raise FewshotError(f"unknown selection strategy '{scfg.strategy}'; choose from {', '.join(STRATEGIES)}")
+    if scfg.budget is None or scfg.budget < 1:
+        raise FewshotError(f"--budget must be a positive number of images, got {scfg.budget}; e.g. --budget 50")
+    if files not in LINK_MODES:
+        raise FewshotError(f"unknown file mode '{files}'; use one of {', '.join(LINK_MODES)}")
+    source = open_source(images)
+    labelled = _excluded(source, exclude) if exclude is not None else set()
+    feats = extract_features(images, cfg.extract, progress=progress)
+    mask = np.array([p in labelled for p in feats.paths], dtype=bool)
+    picked = select(feats.features, scfg.budget, scfg.strategy, seed=scfg.seed, exclude=mask, cfg=scfg)
+    rows = [
+        {
+            "path": feats.paths[i],
+            "rank": rank,
+            "cluster": int(c) if c >= 0 else "",
+            "score": "" if np.isnan(s) else float(s),
+        }
+        for rank, (i, c, s) in enumerate(zip(picked.indices, picked.clusters, picked.scores, strict=True), start=1)
+    ]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "selection.csv").open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "rank", "cluster", "score"])
+        writer.writeheader()
+        writer.writerows({**r, "score": f"{r['score']:.6g}" if r["score"] != "" else ""} for r in rows)
+    by_name = {rec.name: i for i, rec in enumerate(source.records)}
+    chosen = [by_name[r["path"]] for r in rows]
+    sheets = _contact_sheets(source, chosen, rows, out / SHEET)
+    if files != "none":
+        _place(source, chosen, out / "images", files)
+    save_config(cfg, out / "config.json", command="select", images=str(images), exclude=str(exclude or ""))
+    return {
+        "rows": rows,
+        "strategy": scfg.strategy,
+        "excluded": int(mask.sum()),
+        "candidates": int((~mask).sum()),
+        "details": picked.details,
+        "csv": out / "selection.csv",
+        "sheets": sheets,
+        "skipped": feats.skipped,
+    }
+
+
+def _excluded(source: Any, exclude: str | Path) -> set[str]:
+    """Names of ``source``'s records that ``exclude`` lists (by path) or holds (by file content)."""
+    from fewshot.leakage import content_hashes
+    from fewshot.sources import open_source
+
+    exclude = Path(exclude)
+    if not exclude.exists():
+        raise FewshotError(f"--exclude '{exclude}' does not exist; pass a folder of labelled images or a CSV")
+    names = {rec.name for rec in source.records}
+    listed: set[str] = set()
+    if exclude.is_file() and exclude.suffix.lower() == ".csv":
+        try:
+            with exclude.open(newline="", encoding="utf-8-sig") as fh:
+                listed = {(row.get("path") or "").strip() for row in csv.DictReader(fh)} & names
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise FewshotError(f"cannot read --exclude CSV '{exclude}' ({exc}); save it as UTF-8 CSV") from None
+    try:
+        others = open_source(exclude)
+    except FewshotError:
+        others = None  # a CSV of paths relative to the images, not to itself: matched by path above
+    if others is not None:
+        theirs = {h for h in content_hashes(others) if h}
+        listed |= {rec.name for rec, h in zip(source.records, content_hashes(source), strict=True) if h in theirs}
+    return listed
+
+
+def _contact_sheets(source: Any, chosen: list[int], rows: list[dict], path: Path) -> list[Path]:
+    """Thumbnails of the chosen images in rank order, captioned '#rank name', ``PER_PAGE`` a page."""
+    from PIL import Image
+
+    from fewshot.attention_plots import panels, thumbnail
+    from fewshot.images import UnreadableImage
+
+    tiles = []
+    for i, row in zip(chosen, rows, strict=True):
+        try:
+            img = source.load(i)
+        except UnreadableImage:
+            img = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
+        canvas = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
+        small = thumbnail(img, THUMB)
+        canvas.paste(small, ((THUMB - small.width) // 2, (THUMB - small.height) // 2))
+        tiles.append((f"#{row['rank']} {Path(row['path']).name}", canvas))
+    written = []
+    for page, start in enumerate(range(0, len(tiles), PER_PAGE), start=1):
+        target = path if page == 1 else path.with_name(f"{path.stem}_{page}{path.suffix}")
+        panels(tiles[start : start + PER_PAGE], COLUMNS).save(target)
+        written.append(target)
+    return written
+
+
+def _place(source: Any, chosen: list[int], folder: Path, mode: str) -> None:
+    """Copy or link the chosen files into ``folder`` as ``RANK_name`` (rows without a file are saved as PNG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9][0-9][0-9]_*"):  # an earlier selection's files: this one replaces them
+        old.unlink()
+    for rank, i in enumerate(chosen, start=1):
+        rec = source.records[i]
+        name = f"{rank:04d}_{Path(rec.name).name}"
+        target = folder / (name if rec.file is not None else f"{Path(name).stem}.png")
+        if rec.file is None:
+            source.load(i).save(target)
+        elif mode == "link":
+            os.symlink(Path(rec.file).resolve(), target)
+        else:
+            shutil.copy2(rec.file, target)
