@@ -207,13 +207,13 @@ def run_attention(
     """
     import torch
     from PIL import Image
-    from tqdm.auto import tqdm
 
     from fewshot import attention_plots as plots
     from fewshot.backbones import load_backbone
     from fewshot.features import pick_device
     from fewshot.images import UnreadableImage
     from fewshot.mask_quality import jaccard_report, mask_index
+    from fewshot.progress import bar as progress_bar
     from fewshot.sources import open_source
 
     if not 0.0 < threshold <= 1.0:
@@ -251,7 +251,7 @@ def run_attention(
             rows.append(_one_image(name, img, attention_maps(row, n_prefix, grid, threshold), out, taken, cells))
         pending.clear()
 
-    bar = tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(source), desc="attention", unit="img", disable=not progress, leave=False)
     for i, rec in enumerate(source.records):
         try:
             pending.append((rec.name, source.load(i).resize((size[1], size[0]), resample)))

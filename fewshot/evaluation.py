@@ -66,9 +66,8 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
     ``per_seed`` and ``confusion`` (rows true, columns predicted, summed over seeds). Full-label k-NN rows
     (``cfg.evaluate.full_knn``) have ``shots`` None and one seed.
     """
-    from tqdm.auto import tqdm
-
     from fewshot.heads import make_head
+    from fewshot.progress import bar as progress_bar
 
     ev = cfg.evaluate
     check_evaluate_config(cfg)
@@ -95,7 +94,7 @@ def run_episodes(feats: dict[str, tuple[Features, Features]], cfg: Config, progr
 
     total = len(pairs) * (len(ev.heads) * len(shots_list) * len(seeds) + int(ev.full_knn))
     rows: list[dict] = []
-    with tqdm(total=total, desc="episodes", unit="fit", disable=not progress) as bar:
+    with progress_bar(total=total, desc="episodes", unit="fit", disable=not progress) as bar:
         for backbone, (train, test) in pairs.items():
             x_train = np.asarray(train.features, dtype=np.float32)  # (N_train, D)
             y_train = np.asarray(train.labels, dtype=np.int64)  # (N_train,)
