@@ -5,9 +5,9 @@ This is DINO's ``eval_knn`` (Caron et al. 2021, "Emerging Properties in Self-Sup
 label with weight ``exp(similarity / T)`` (k=20, T=0.07), top-1 accuracy. DINO scores a test split against a
 train split; a monitor has one labelled set, so every image is scored against all the *others* (leave-one-out).
 
-The images are decoded once, at construction, into a ``(N, 3, S, S)`` uint8 tensor exactly as the pretraining
-store is (:func:`fewshot.train.decode_images`: shorter side resized to S, centre square), which is also what the
-exported backbone's eval transform does (crop_pct 1.0, bicubic). Each call only runs the forward passes.
+The images are decoded once, at construction, into a ``(N, 3, S, S)`` uint8 tensor as the exported backbone's
+eval transform sees them (:func:`fewshot.decoding.decode_squares`: shorter side resized to S, bicubic, centre
+square; crop_pct 1.0). Each call only runs the forward passes.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ class KnnMonitor:
         """Open the labelled ``source`` (anything :func:`fewshot.sources.open_source` accepts with labels) and
         decode its labelled images once at ``img_size``. ``k`` larger than N-1 is lowered to N-1 (see ``note``).
         Raises :class:`FewshotError` when the source is missing, unlabelled, or has fewer than 2 classes."""
+        from fewshot.decoding import decode_squares
         from fewshot.features import check_pool
         from fewshot.sources import open_source
-        from fewshot.train import decode_images
 
         check_pool(pool)
         if k < 1 or temperature <= 0:
@@ -106,7 +106,7 @@ class KnnMonitor:
         try:
             images = open_source(source, require_labels=True)
             subset = _Labeled(images)
-            store, skipped = decode_images(subset, img_size, progress)  # a bar from 500 images on
+            squares, skipped = decode_squares(subset, img_size, progress)  # a bar from 500 images on
         except FewshotError as exc:
             raise FewshotError(f"--monitor {source}: {exc}") from None
         bad = {s["path"] for s in skipped}
@@ -122,6 +122,7 @@ class KnnMonitor:
             notes.append(f"k lowered from {k} to {len(labels) - 1} (only {len(labels)} images)")
             k = len(labels) - 1
         note = f"k-NN monitor on {source}: " + "; ".join(notes) if notes else ""
+        store = torch.from_numpy(squares)  # (N, 3, S, S) uint8
         return cls(store, labels, images.classes, mean, std, k, temperature, pool, batch_size, note)
 
     def __len__(self) -> int:
@@ -155,7 +156,7 @@ class KnnMonitor:
 
 
 class _Labeled:
-    """The labelled records of an ImageSet, in the shape :func:`fewshot.train.decode_images` reads."""
+    """The labelled records of an ImageSet, in the shape :func:`fewshot.decoding.decode_squares` reads."""
 
     def __init__(self, images: Any) -> None:
         self.images = images

@@ -57,7 +57,7 @@ class DinoConfig:
     warmup_teacher_temp_steps: int | None = None  # None: 30 epochs, at most 30% of the run
     center_momentum: float = 0.9
     momentum_teacher: float | None = None  # EMA start, cosine to 1; None: 1 - 20/steps clamped to [0.99, 0.996]
-    # multi-crop (scales are fractions of the stored image's area)
+    # multi-crop (scales are fractions of each image's own area)
     global_crop_scale: tuple[float, ...] = (0.4, 1.0)
     local_crops: int = 8
     local_crop_size: int | None = None  # None: img_size × 96/224, rounded to a multiple of the patch size
@@ -94,6 +94,20 @@ class MaeConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the decoded images live (:mod:`fewshot.image_cache`, :mod:`fewshot.image_store`) and how they are made.
+
+    None of these change what is trained (``draft`` changes the decoded pixels slightly; it is part of the cache
+    key), so all but ``draft`` may differ when a run is resumed."""
+
+    cache_dir: str | None = None  # folder of the decoded-image cache; None: $FEWSHOT_CACHE/images (~/.cache/fewshot)
+    workers: int = 0  # decoding processes per node; 0: every core (shared among a node's torchrun processes)
+    draft: bool = True  # decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT) when still ≥ the stored resolution
+    memory_gb: float | None = None  # GiB of images a process may copy into RAM, else it reads the memory-mapped
+    # cache; None: a quarter of the RAM / processes on the node (GPUs: the copy goes onto the GPU below 1/4 of it)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """What ``fewshot pretrain`` trains, for how long, and where."""
 
@@ -110,7 +124,7 @@ class PretrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CUDA only)
     compile: bool = False  # torch.compile the ViT blocks (worth it on GPUs for long runs; the first steps compile)
     seed: int = 0
-    store_size: int | None = None  # side of the decoded square images kept in memory; None: img_size × 8/7
+    store_size: int | None = None  # longer side of each stored image (aspect kept, on a canvas); None: 2×img_size
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     monitor: str | None = None  # labelled images: k-NN top-1 of the exported backbone logged every epoch
@@ -119,3 +133,4 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
+    data: DataConfig = field(default_factory=DataConfig)

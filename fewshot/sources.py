@@ -64,18 +64,19 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, i: int) -> Image.Image:
-        """Decode record ``i`` as RGB; raises :class:`UnreadableImage` with a reason."""
+    def load(self, i: int, draft: int | None = None) -> Image.Image:
+        """Decode record ``i`` as RGB (``draft``: see :func:`fewshot.images.load_rgb`); raises
+        :class:`UnreadableImage` with a reason."""
         rec = self.records[i]
         if rec.file is not None:
-            return load_rgb(rec.file)
+            return load_rgb(rec.file, draft)
         item = self._hf[rec.row][self._hf_image]
         if isinstance(item, Image.Image):
             return load_rgb(_png_bytes(item))
         if item.get("bytes"):
-            return load_rgb(item["bytes"])
+            return load_rgb(item["bytes"], draft)
         if item.get("path"):
-            return load_rgb(item["path"])
+            return load_rgb(item["path"], draft)
         raise UnreadableImage("empty image cell")
 
 
