@@ -44,6 +44,7 @@ import torch
 from fewshot import distributed
 from fewshot.decoding import decode_to_file
 from fewshot.errors import FewshotError
+from fewshot.progress import bar
 
 CACHE_VERSION = "1"
 SPARE_BYTES = 1 << 30  # left free on the cache's disk after an entry is allocated
@@ -120,8 +121,6 @@ def open_cache(
             with distributed.together():
                 _check_visible(entry, token, ranks)
             shard = range(ranks.rank, len(images), ranks.world)
-            from fewshot.progress import bar
-
             with bar(total=len(shard), desc="decoding", unit="img", disable=not progress or len(shard) < 500) as b:
                 sizes, skipped = decode_to_file(images, shard, entry.partial, side, draft, workers, b.update)
             parts = distributed.gather_objects([sizes])  # (index, height, width) rows of every rank
