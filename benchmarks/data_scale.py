@@ -8,7 +8,8 @@ processes, step rate from the memory map vs RAM, and time to the first step when
    log-uniform in [9:16, 16:9] (smooth colour fields plus a noise texture, quality 90).
 2. Decoding throughput: on the same ``--subset`` images per round, 1 and 2 worker processes, JPEG draft mode on and
    off, interleaved over ``--rounds`` rounds (the file bytes are read once before the round so every alternative
-   finds them in the page cache); images/s (median over rounds) and ratios.
+   finds them in the page cache); images/s, CPU milliseconds per image and cores in use (medians over rounds) and
+   ratios. The CPU time per image shows the cost of the work whatever share of a busy machine it got.
 3. The cache for the whole folder (2 workers, draft mode): build time and size on disk, next to the JPEGs' size.
 4. Peak memory of one ``fewshot pretrain`` (MAE, ViT-tiny at ``--img-size``) against 2 torchrun processes
    (gloo), both reading the memory-mapped cache for one epoch: the sums over the job's processes of PSS
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,15 +90,23 @@ def folder_bytes(folder: Path) -> int:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def decode_rounds(images: object, side: int, subset: int, rounds: int, work: Path) -> dict[str, list[float]]:
-    """images/s of each (workers, draft) alternative, interleaved: one round = every alternative on the same
-    subset (a different subset per round), in a rotated order."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (decoding workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def decode_rounds(images: object, side: int, subset: int, rounds: int, work: Path) -> dict[str, dict[str, list]]:
+    """images/s and CPU ms per image of each (workers, draft) alternative, interleaved: one round = every
+    alternative on the same subset (a different subset per round), in a rotated order. On a shared machine the
+    wall-clock rate depends on the CPU share the others leave; the CPU time per image does not."""
     from dataclasses import replace
 
     from fewshot.decoding import decode_to_file
 
     alternatives = [(1, True), (2, True), (1, False), (2, False)]
-    rates: dict[str, list[float]] = {f"{w} worker(s), draft {'on' if d else 'off'}": [] for w, d in alternatives}
+    names = [f"{w} worker(s), draft {'on' if d else 'off'}" for w, d in alternatives]
+    rates: dict[str, dict[str, list]] = {k: {"images_per_s": [], "cpu_ms_per_image": [], "cores": []} for k in names}
     records = images.records  # type: ignore[attr-defined]
     for r in range(rounds):
         part = replace(images, records=records[r * subset : (r + 1) * subset])  # type: ignore[type-var]
@@ -107,12 +117,15 @@ def decode_rounds(images: object, side: int, subset: int, rounds: int, work: Pat
         for workers, draft in order:
             with open(path, "wb") as f:
                 f.truncate(len(part.records) * 3 * side * side)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             sizes, _ = decode_to_file(part, range(len(part.records)), path, side, draft, workers)
-            rate = len(sizes) / (time.perf_counter() - start)
-            rates[f"{workers} worker(s), draft {'on' if draft else 'off'}"].append(rate)
-            print(f"  round {r + 1}: {workers} worker(s), draft {'on' if draft else 'off'}: {rate:.0f} images/s",
-                  flush=True)  # fmt: skip
+            wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+            name = f"{workers} worker(s), draft {'on' if draft else 'off'}"
+            rates[name]["images_per_s"].append(len(sizes) / wall)
+            rates[name]["cpu_ms_per_image"].append(1000 * cpu / len(sizes))
+            rates[name]["cores"].append(cpu / wall)
+            print(f"  round {r + 1}: {name}: {len(sizes) / wall:.0f} images/s, {1000 * cpu / len(sizes):.2f} CPU ms "
+                  f"per image, {cpu / wall:.2f} cores in use", flush=True)  # fmt: skip
         path.unlink()
     return rates
 
@@ -237,7 +250,7 @@ def main() -> None:
 
     print("== decoding throughput (interleaved rounds)", flush=True)
     rates = decode_rounds(images, side, args.subset, args.rounds, work)
-    results["decode_images_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
+    results["decode"] = {k: {m: statistics.median(x) for m, x in v.items()} for k, v in rates.items()}
     results["decode_rounds"] = rates
 
     print("== building the cache for every image (2 workers, draft mode)", flush=True)
@@ -286,11 +299,11 @@ def main() -> None:
 
 def report(r: dict) -> None:
     gib = 2**30
-    d = r["decode_images_per_s"]
+    d = {k: v["images_per_s"] for k, v in r["decode"].items()}
     print(f"\n## {r['images']} JPEGs (200–1024 px, 9:16–16:9), stored at {r['side']} px, {r['cores']} cores")
-    print("\n| decoding into the cache | images/s |\n|---|---|")
-    for k, v in d.items():
-        print(f"| {k} | {v:.0f} |")
+    print("\n| decoding into the cache | images/s | CPU ms per image | cores in use |\n|---|---|---|---|")
+    for k, v in r["decode"].items():
+        print(f"| {k} | {v['images_per_s']:.0f} | {v['cpu_ms_per_image']:.2f} | {v['cores']:.2f} |")
     print(
         f"\n2 workers / 1 worker: {d['2 worker(s), draft on'] / d['1 worker(s), draft on']:.2f}× (draft on), "
         f"{d['2 worker(s), draft off'] / d['1 worker(s), draft off']:.2f}× (draft off); draft on / off: "

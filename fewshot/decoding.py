@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -53,33 +56,35 @@ def record_name(images: Any, i: int) -> str:
     return str(getattr(records[i], "name", i))
 
 
-def load(images: Any, i: int, draft: int | None = None) -> Image.Image:
-    """Image ``i`` of an image set (``load(i, draft)``), a sequence of PIL images or of objects with ``load()``."""
+def load(images: Any, i: int) -> Image.Image:
+    """Image ``i`` of an image set (``load(i)``), a sequence of PIL images or of objects with ``load()``."""
     if hasattr(images, "load"):
-        return images.load(i, draft) if draft else images.load(i)
+        return images.load(i)
     item = images[i]
     return item if isinstance(item, Image.Image) else item.load()
 
 
 class SlotWriter:
-    """Decodes images of ``images`` into their slots of the canvas file ``path`` (which must exist at full size).
+    """Decodes images of an image set into their slots of the canvas file ``path`` (which must exist at full size).
 
-    ``writer(indices)`` returns ``(index, height, width, reason)`` per image: the size inside the canvas, or
-    ``reason`` (non-empty) when the image could not be read and its slot was left as it was."""
+    ``writer(items)`` takes ``(index, record)`` pairs (records of ``images``, a :class:`fewshot.sources.ImageSet`
+    that may come without its record list: worker processes get only their tasks' records) and returns
+    ``(index, height, width, reason)`` per image: its size inside the canvas, or ``reason`` (non-empty) when it
+    could not be read and its slot was left as it was."""
 
     def __init__(self, images: Any, path: str | Path, side: int, draft: bool) -> None:
         self.images, self.side, self.draft = images, side, side if draft else None
         self.fd = os.open(path, os.O_WRONLY)
         self.buffer = np.zeros((3, side, side), dtype=np.uint8)
 
-    def __call__(self, indices: Sequence[int]) -> list[tuple[int, int, int, str]]:
+    def __call__(self, items: Sequence[tuple[int, Any]]) -> list[tuple[int, int, int, str]]:
         from fewshot.images import UnreadableImage
 
         done = []
         slot = self.buffer.nbytes
-        for i in indices:
+        for i, record in items:
             try:
-                pixels = fit(load(self.images, i, self.draft), self.side)  # (h, w, 3)
+                pixels = fit(self.images.load_record(record, self.draft), self.side)  # (h, w, 3)
             except (UnreadableImage, OSError) as exc:
                 done.append((i, 0, 0, str(exc) or type(exc).__name__))
                 continue
@@ -99,13 +104,12 @@ _WORKER: SlotWriter | None = None  # the worker process's writer, made once by _
 
 def _start_worker(images: Any, path: str, side: int, draft: bool) -> None:
     global _WORKER
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # Pillow is single-threaded per image; keep libraries that way
     _WORKER = SlotWriter(images, path, side, draft)
 
 
-def _run_chunk(indices: list[int]) -> list[tuple[int, int, int, str]]:
+def _run_chunk(items: list[tuple[int, Any]]) -> list[tuple[int, int, int, str]]:
     assert _WORKER is not None, "worker not started"
-    return _WORKER(indices)
+    return _WORKER(items)
 
 
 def default_workers(processes_on_node: int = 1) -> int:
@@ -126,15 +130,24 @@ def decode_to_file(
     workers: int = 1,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Decode ``images[i]`` for every ``i`` in ``indices`` into slot ``i`` of the canvas file ``path``.
+    """Decode ``images[i]`` (a :class:`fewshot.sources.ImageSet`) for every ``i`` in ``indices`` into slot ``i``
+    of the canvas file ``path``.
 
     ``workers`` processes (spawned; in-process when 1 or when the share is at most one chunk per worker) each take
     :data:`CHUNK` images at a time. Returns ``sizes`` ``(len(indices), 3)`` int64 rows ``(index, height, width)``
     of the images read, in the order of ``indices``, and the skipped images as ``{"path", "reason", "index"}``.
-    ``on_progress(n)`` is called as images are done."""
-    chunks = [list(indices[k : k + CHUNK]) for k in range(0, len(indices), CHUNK)]
+    ``on_progress(n)`` is called as images are done. If worker processes cannot start (e.g. the main script is not
+    importable), the images are decoded in this process, with a warning."""
+    records = images.records
+    chunks = [[(i, records[i]) for i in indices[k : k + CHUNK]] for k in range(0, len(indices), CHUNK)]
     workers = max(1, min(workers, len(chunks)))
     results: list[tuple[int, int, int, str]] = []
+    if workers > 1:
+        try:
+            results = _in_workers(images, chunks, path, side, draft, workers, on_progress)
+        except BrokenProcessPool as exc:
+            print(f"warning: decoding worker processes failed ({exc}); decoding in this process", file=sys.stderr)
+            workers = 1
     if workers == 1:
         writer = SlotWriter(images, path, side, draft)
         try:
@@ -144,18 +157,31 @@ def decode_to_file(
                     on_progress(len(chunk))
         finally:
             writer.close()
-    else:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_start_worker, initargs=(images, str(path), side, draft)) as pool:
-            for done in pool.imap_unordered(_run_chunk, chunks):
-                results += done
-                if on_progress:
-                    on_progress(len(done))
     order = {i: k for k, i in enumerate(indices)}
     results.sort(key=lambda r: order[r[0]])
     sizes = np.array([(i, h, w) for i, h, w, reason in results if not reason], dtype=np.int64).reshape(-1, 3)
-    skipped = [{"path": record_name(images, i), "reason": reason, "index": i} for i, _, _, reason in results if reason]
+    skipped = [{"path": records[i].name, "reason": reason, "index": i} for i, _, _, reason in results if reason]
     return sizes, skipped
+
+
+def _in_workers(
+    images: Any, chunks: list[list[tuple[int, Any]]], path: str | Path, side: int, draft: bool, workers: int,
+    on_progress: Callable[[int], None] | None,
+) -> list[tuple[int, int, int, str]]:  # fmt: skip
+    """The chunks decoded by ``workers`` spawned processes, each holding the image set without its record list (a
+    task carries its own records: 64 of them pickle in microseconds, a million in seconds per worker)."""
+    from dataclasses import replace
+
+    bare = replace(images, records=[])
+    results: list[tuple[int, int, int, str]] = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _start_worker, (bare, str(path), side, draft)) as pool:
+        for job in as_completed([pool.submit(_run_chunk, chunk) for chunk in chunks]):
+            done = job.result()
+            results += done
+            if on_progress:
+                on_progress(len(done))
+    return results
 
 
 def decode_squares(images: Any, size: int, progress: bool = False) -> tuple[np.ndarray, list[dict[str, str]]]:

@@ -67,7 +67,10 @@ class ImageSet:
     def load(self, i: int, draft: int | None = None) -> Image.Image:
         """Decode record ``i`` as RGB (``draft``: see :func:`fewshot.images.load_rgb`); raises
         :class:`UnreadableImage` with a reason."""
-        rec = self.records[i]
+        return self.load_record(self.records[i], draft)
+
+    def load_record(self, rec: Record, draft: int | None = None) -> Image.Image:
+        """Decode ``rec`` (one of this set's records; a worker process may hold the set without its record list)."""
         if rec.file is not None:
             return load_rgb(rec.file, draft)
         item = self._hf[rec.row][self._hf_image]

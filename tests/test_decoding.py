@@ -105,3 +105,19 @@ def test_decode_squares_gives_centre_squares_and_lists_unreadable_images() -> No
     assert skipped == [{"path": "broken.jpg", "reason": "corrupt"}]
     with pytest.raises(FewshotError, match="none of the 1 images"):
         decode_squares([Rec(None)], 8)
+
+
+def test_workers_that_cannot_start_fall_back_to_this_process_with_a_warning(folder: Path, tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:  # fmt: skip
+    from concurrent.futures.process import BrokenProcessPool
+
+    import fewshot.decoding as decoding
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BrokenProcessPool("a worker died while starting")
+
+    one, sizes1, _ = _decode(folder, tmp_path / "one.u8", 1)
+    monkeypatch.setattr(decoding, "_in_workers", broken)
+    fallback, sizes2, _ = _decode(folder, tmp_path / "two.u8", 2)
+    assert fallback == one and np.array_equal(sizes1, sizes2)
+    assert "decoding in this process" in capsys.readouterr().err
