@@ -15,10 +15,11 @@ processes, step rate from the memory map vs RAM, and time to the first step when
    (gloo), both reading the memory-mapped cache for one epoch: the sums over the job's processes of PSS
    (proportional set size: a page shared by 2 processes counts half in each, so the page cache's one copy counts
    once) and of RSS (which counts shared pages in every process).
-5. Step rate from the memory map (``pretrain.data.memory_gb=0``) vs a copy in RAM (the default under the cap),
+5. Step rate from the memory map (``pretrain.data.memory_gb=0``) vs a copy in RAM (``memory_gb=1000``),
    ``--rate-steps`` steps each, interleaved A, B, A, B.
 6. Time from starting the command to the first finished step, the cache already built, both placements, against
-   the time to import fewshot's training module.
+   the time to import fewshot's training module; then (``--startup-only`` runs just this) a second run's start-up
+   phase by phase in one process: imports, listing the folder, building the model, opening the cache, first step.
 Everything runs on the CPU; results are printed and written to ``WORK/data_scale.json``.
 """
 
@@ -207,6 +208,39 @@ def run_fewshot(args: list[str], processes: int, env: dict[str, str], watch: Pat
     return peak
 
 
+def startup_phases(data: Path, img: int, batch: int) -> dict[str, float]:
+    """Seconds of each phase of a second run's start, in this process (a fresh interpreter: imports count)."""
+    code = f"""
+import json, time
+t0 = time.perf_counter(); phases = {{}}
+def lap(name):
+    global t0
+    t = time.perf_counter(); phases[name] = t - t0; t0 = t
+import torch, timm; lap("import torch and timm")
+import fewshot.train as T
+from fewshot.config import build_config
+from fewshot.image_store import Batches, open_store
+from fewshot.sources import open_source
+lap("import fewshot")
+sets = ["pretrain.mae.decoder_dim=64", "pretrain.mae.decoder_heads=4", "pretrain.mae.decoder_depth=1",
+        "pretrain.data.memory_gb=0"]
+flags = {{"pretrain.method": "mae", "pretrain.model": "vit_tiny_patch16_224", "pretrain.img_size": {img},
+         "pretrain.patch_size": 8, "pretrain.depth": 2, "pretrain.batch_size": {batch}, "pretrain.steps": 10}}
+cfg = build_config(None, sets, flags).pretrain
+images = open_source({str(data)!r}); lap("list and fingerprint the folder")
+plan = T._plan(cfg, len(images)); method = T._build(cfg, plan); lap("build the model")
+store, cached = open_store(images, cfg); assert not cached.built; lap("open the cache")
+store = store.place(torch.device("cpu"), 0.0)
+images_, sizes = Batches(store, {batch}, slice(None), 0, plan.steps_per_epoch, 10, torch.device("cpu"))(0)
+views = method.augment(images_, torch.Generator().manual_seed(0), slice(None), {batch}, sizes)
+method(views, 0)["loss"].backward(); lap("first step (batch, augmentation, forward, backward)")
+print(json.dumps(phases))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def step_rate(run: Path) -> float:
     """images/s over the logged steps after the first two logs (warm-up), harmonic mean as a total time."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,9 +263,14 @@ def main() -> None:
     parser.add_argument("--rate-steps", type=int, default=60)
     parser.add_argument("--memory-steps", type=int, default=None, help="default: one epoch")
     parser.add_argument("--generate-only", action="store_true", help="make the JPEG folder and stop")
+    parser.add_argument("--startup-only", action="store_true", help="only the start-up phases (cache in --work)")
     args = parser.parse_args()
     if args.generate_only:
         generate(args.data, args.images, processes=2)
+        return
+    if args.startup_only:
+        os.environ["FEWSHOT_CACHE"] = str(args.work / "cache")
+        print_startup(startup_phases(args.data, args.img_size, args.batch))
         return
     sys.path.insert(0, str(ROOT))
     from fewshot.sources import open_source
@@ -279,7 +318,10 @@ def main() -> None:
     rate: dict[str, list[float]] = {"in RAM": [], "memory-mapped": []}
     first: dict[str, list[float]] = {"in RAM": [], "memory-mapped": []}
     for r in range(2):
-        for name, sets in (("in RAM", ()), ("memory-mapped", ("pretrain.data.memory_gb=0",))):
+        for name, sets in (
+            ("in RAM", ("pretrain.data.memory_gb=1000",)),
+            ("memory-mapped", ("pretrain.data.memory_gb=0",)),
+        ):
             out = work / f"rate-{r}-{name.replace(' ', '-')}"
             shutil.rmtree(out, ignore_errors=True)
             peak = run_fewshot(pretrain_args(args.data, out, args.img_size, args.rate_steps, args.batch, *sets,
@@ -293,8 +335,17 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import fewshot.train"], env=env, check=True)
     results["import_s"] = time.perf_counter() - start
+    results["startup_phases"] = startup_phases(args.data, args.img_size, args.batch)
     (work / "data_scale.json").write_text(json.dumps(results, indent=2) + "\n")
     report(results)
+    print_startup(results["startup_phases"])
+
+
+def print_startup(phases: dict[str, float]) -> None:
+    print(
+        f"second run's start-up, {sum(phases.values()):.1f} s: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+    )
 
 
 def report(r: dict) -> None:

@@ -240,6 +240,7 @@ def _finalise(
 
     tmp = entry.index.with_name(entry.index.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # readable like the pixel file (safetensors writes 0600)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, entry.index)

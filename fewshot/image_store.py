@@ -9,9 +9,11 @@ memory. Then :meth:`ImageStore.place` picks where the training reads them from:
 - a CUDA device: the whole store copied onto the GPU when it takes under a quarter of its memory, else kept on the
   host and each batch gathered into pinned memory one step ahead, in a background thread, and copied without
   blocking the step;
-- the CPU: copied into this process's memory when it fits under ``pretrain.data.memory_gb`` (by default a quarter
-  of the RAM shared among the processes of the node), else read from the memory map, each batch gathered one
-  step ahead so that pages coming from disk do not stall the step.
+- the CPU: copied into this process's memory when it fits under ``pretrain.data.memory_gb`` (by default 1 GiB, at
+  most a quarter of the RAM shared among the processes of the node), else read from the memory map, each batch
+  gathered one step ahead so that pages coming from disk do not stall the step. Steps read from the map as fast
+  as from a copy (benchmarks/data_scale.py), and a copy of a large set only delays the first step, hence the
+  small default.
 
 :class:`Batches` draws the data order (one permutation per epoch, a function of seed and epoch:
 DistributedSampler's scheme) and hands each step this process's rows of the global batch.
@@ -75,16 +77,19 @@ class ImageStore:
         return replace(self, where=f"memory-mapped ({nbytes / 2**30:.2f} GiB > {cap / 2**30:.2f} GiB memory cap)")
 
 
+DEFAULT_MEMORY_GB = 1.0  # what a process copies into RAM by default (a second or two to read)
+
+
 def _memory_cap(memory_gb: float | None) -> float:
-    """Bytes of images one process may copy into RAM: ``memory_gb`` GiB, else a quarter of the RAM divided among
-    the node's processes (more would only duplicate what the page cache already holds once)."""
+    """Bytes of images one process may copy into RAM: ``memory_gb`` GiB, else 1 GiB, at most a quarter of the RAM
+    divided among the node's processes (more would only duplicate what the page cache holds once)."""
     if memory_gb is not None:
         return memory_gb * 2**30
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0.0
-    return 0.25 * ram / distributed.local_world()
+    return min(DEFAULT_MEMORY_GB * 2**30, 0.25 * ram / distributed.local_world())
 
 
 def _copy(pixels: Tensor, device: torch.device, chunk: int = 1024) -> Tensor:

@@ -104,7 +104,7 @@ class DataConfig:
     workers: int = 0  # decoding processes per node; 0: every core (shared among a node's torchrun processes)
     draft: bool = True  # decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT) when still ≥ the stored resolution
     memory_gb: float | None = None  # GiB of images a process may copy into RAM, else it reads the memory-mapped
-    # cache; None: a quarter of the RAM / processes on the node (GPUs: the copy goes onto the GPU below 1/4 of it)
+    # cache (as fast per step); None: 1 GiB, at most RAM / 4 / processes on the node (GPUs: see image_store)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,21 @@ def test_extraction_shards_across_ranks_and_gathers_in_order(runs: dict[str, Pat
     torch.testing.assert_close(torch.from_numpy(both.features), torch.from_numpy(one.features), rtol=1e-5, atol=1e-5)
     assert [s["path"] for s in both.skipped] == [s["path"] for s in one.skipped] == ["0/broken.png"]
     assert two.stdout.count("written to") == 1
+
+
+def test_an_error_one_rank_meets_stops_every_rank_with_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    # only rank 0 takes the run folder's lock: held here, rank 0 fails and rank 1 must not wait for it forever
+    out = tmp_path / "busy"
+    out.mkdir()
+    sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
+    args = ["pretrain", runs["data"], "--method", "dino", *TINY, "--steps", "2", "--batch-size", "8", *sets, "-q"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fewshot"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with RunFolder(out).lock():
+        done = subprocess.run([*launcher, *map(str, args), "--device", "cpu", "--out", str(out)], capture_output=True,
+                              text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: run folder {out} is in use by another fewshot pretrain (pid {os.getpid()}); wait for it "
+                      "or use another --out"]  # fmt: skip
+    assert not re.search(r'File ".*/fewshot/', done.stdout + done.stderr)  # torchrun reports; we print no traceback
