@@ -224,12 +224,11 @@ class AttentionRunner:
     ) -> Iterator[ImageAttention]:
         """Each readable image of ``source``'s maps, in order, ``batch_size`` images per forward pass; unreadable
         images are appended to ``skipped``."""
-        from tqdm.auto import tqdm
-
         from fewshot.images import UnreadableImage
+        from fewshot.progress import bar as progress_bar
 
         pending: list[tuple[str, Any]] = []  # (record name, image at the input size)
-        with tqdm(total=len(source), desc="attention", unit="img", disable=not progress, leave=False) as bar:
+        with progress_bar(total=len(source), desc="attention", unit="img", disable=not progress, leave=False) as bar:
             for i, rec in enumerate(source.records):
                 try:
                     pending.append((rec.name, source.load(i).resize((self.size[1], self.size[0]), self.resample)))

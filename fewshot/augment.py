@@ -1,10 +1,13 @@
 """Batched multi-crop augmentation on uint8 image tensors: DINO's views (Caron et al. 2021, appendix; BYOL's
 photometric recipe, Grill et al. 2020) without a per-image PIL pipeline.
 
-Images are decoded once into a ``(N, 3, S, S)`` uint8 tensor; every step augments the whole batch with tensor
-ops and one seeded ``torch.Generator``: random resized crops with horizontal flips, colour jitter in a random
-per-image order, grayscale, Gaussian blur with a per-image sigma, solarisation, normalisation. Every probability
-is drawn per image, so one call does what DINO's ``DataLoader`` does image by image.
+Images are decoded once into ``(N, 3, S, S)`` uint8 canvases, each whole image (aspect ratio kept) at the
+top-left of its canvas with its height and width recorded (:mod:`fewshot.decoding`); every step augments the whole
+batch with tensor ops and one seeded ``torch.Generator``: random resized crops inside each image's own box (the
+scale and ratio ranges relative to the image's own area, as torchvision's RandomResizedCrop on the original
+image) with horizontal flips, colour jitter in a random per-image order, grayscale, Gaussian blur with a per-image
+sigma, solarisation, normalisation. Every probability is drawn per image, so one call does what DINO's
+``DataLoader`` does image by image.
 
 Crops are resampled exactly as ``torchvision.ops.roi_align(aligned=True, sampling_ratio=-1)`` would (bilinear
 taps averaged over ``ceil(box / output)`` samples per output pixel, so downscaled crops are anti-aliased like
@@ -35,31 +38,42 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.d
     return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
 
-def crop_boxes(n: int, side: int, scale: Sequence[float], gen: torch.Generator, device: torch.device) -> Tensor:
-    """RandomResizedCrop boxes ``(n, 4)`` as x1, y1, x2, y2 pixels of a ``side``-pixel square image.
-
-    Area fraction ~ U(scale), log aspect ratio ~ U(log 3/4, log 4/3); like torchvision, up to 10 tries per image
-    for a box that fits, else the whole image.
-    """
-    tries = 10
-    area = _uniform(n * tries, scale[0], scale[1], gen, device).view(n, tries)
-    log_r = _uniform(n * tries, math.log(_RATIO[0]), math.log(_RATIO[1]), gen, device).view(n, tries)
-    w = torch.sqrt(area * torch.exp(log_r))  # fractions of the side
-    h = torch.sqrt(area * torch.exp(-log_r))
-    fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(1, keepdim=True)  # first box that fits (0 when none does)
-    any_fits = fits.any(1)
-    w = torch.where(any_fits, w.gather(1, first).squeeze(1), torch.ones_like(any_fits, dtype=w.dtype))
-    h = torch.where(any_fits, h.gather(1, first).squeeze(1), torch.ones_like(any_fits, dtype=h.dtype))
-    x1 = torch.rand(n, generator=gen, device=device) * (1 - w)
-    y1 = torch.rand(n, generator=gen, device=device) * (1 - h)
-    return torch.stack([x1, y1, x1 + w, y1 + h], 1) * side  # (n, 4)
+TRIES = 10  # boxes tried per image before torchvision's fallback
+CROP_DRAWS = 2 * TRIES + 2  # uniform numbers one crop box takes
 
 
-def resample_matrix(start: Tensor, end: Tensor, size: int, side: int, flip: Tensor | None = None) -> Tensor:
+def crop_boxes(sizes: Tensor, scale: Sequence[float], u: Tensor, ratio: Sequence[float] = _RATIO) -> Tensor:
+    """torchvision's RandomResizedCrop boxes ``(n, 4)`` as x1, y1, x2, y2 pixels inside images of ``sizes``
+    ``(n, 2)`` (height, width), from the uniform numbers ``u`` ``(n, CROP_DRAWS)``.
+
+    Per image, up to 10 tries of an area ~ U(scale) × the image's area and a log aspect ratio ~ U(log ratio); the
+    first box that fits is placed uniformly; when none fits, torchvision's fallback: the central crop with the
+    image's aspect ratio clamped to ``ratio``. Boxes are not rounded to whole pixels (the resampling takes any)."""
+    h, w = sizes[:, :1].to(u.dtype), sizes[:, 1:].to(u.dtype)  # (n, 1)
+    area = h * w * (u[:, :TRIES] * (scale[1] - scale[0]) + scale[0])  # (n, T)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    log_r = u[:, TRIES : 2 * TRIES] * (hi - lo) + lo  # (n, T)
+    bw, bh = torch.sqrt(area * torch.exp(log_r)), torch.sqrt(area * torch.exp(-log_r))
+    fits = (bw <= w) & (bh <= h)
+    first = fits.to(u.dtype).argmax(1, keepdim=True)  # first box that fits (0 when none does)
+    found = fits.any(1, keepdim=True)  # (n, 1)
+    aspect = w / h
+    fw = torch.where(aspect > ratio[1], h * ratio[1], w)  # the fallback: a too-wide image keeps its height
+    fh = torch.where(aspect < ratio[0], w / ratio[0], h)  # ... a too-tall one its width
+    bw = torch.where(found, bw.gather(1, first), fw)
+    bh = torch.where(found, bh.gather(1, first), fh)
+    x1 = torch.where(found, u[:, -2:-1] * (w - bw), (w - bw) / 2)
+    y1 = torch.where(found, u[:, -1:] * (h - bh), (h - bh) / 2)
+    return torch.cat([x1, y1, x1 + bw, y1 + bh], 1)  # (n, 4)
+
+
+def resample_matrix(
+    start: Tensor, end: Tensor, size: int, side: int, flip: Tensor | None = None, limit: Tensor | None = None
+) -> Tensor:
     """``(n, size, side)`` matrices taking ``side`` pixels to ``size`` samples of the spans ``[start, end)``
     (pixel edges, shape ``(n,)``) with roi_align's taps: output pixel ``p`` averages ``g = ceil(span / size)``
-    bilinear samples at ``start - ½ + (p + (i + ½) / g) · span / size``, clamped to the border pixels.
+    bilinear samples at ``start - ½ + (p + (i + ½) / g) · span / size``, clamped to the border pixels: pixel
+    ``limit - 1`` (``limit`` (n,): each image's extent inside its canvas; default the whole ``side``).
     Where ``flip`` (n,) is set the rows come in reverse order (a mirrored crop)."""
     n, dev = start.shape[0], start.device
     span = (end - start).view(n, 1, 1)
@@ -69,25 +83,29 @@ def resample_matrix(start: Tensor, end: Tensor, size: int, side: int, flip: Tens
     if flip is not None:
         p = torch.where(flip.view(n, 1, 1), size - 1 - p, p)  # (n, size, 1)
     i = torch.arange(taps, device=dev, dtype=start.dtype).view(1, 1, taps)
-    pos = (start.view(n, 1, 1) - 0.5 + (p + (i + 0.5) / grid) * span / size).clamp(0, side - 1)  # (n, size, taps)
-    low = pos.floor()
+    extent = torch.full((n,), float(side), device=dev) if limit is None else limit.to(start.dtype)
+    last = (extent - 1).view(n, 1, 1)  # the last pixel of each image inside its canvas
+    pos = torch.minimum((start.view(n, 1, 1) - 0.5 + (p + (i + 0.5) / grid) * span / size).clamp_min(0), last)
+    low = pos.floor()  # (n, size, taps)
     frac = pos - low
     weight = (i < grid) / grid  # (n, 1, taps): unused taps weigh 0
+    high = torch.minimum(low + 1, last).long()
     low = low.long()
-    high = (low + 1).clamp_max(side - 1)
     m = torch.zeros(n, size, side, device=dev, dtype=start.dtype)
     m.scatter_add_(2, low, (1 - frac) * weight)
     return m.scatter_add_(2, high, frac * weight)  # (n, size, side), rows sum to 1
 
 
-def resized_crops(src: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
-    """Crops ``boxes (V, B, 4)`` (x1, y1, x2, y2) of the float images ``src (B, 3, S, S)``, resized to ``size``
-    and mirrored where ``flip (V, B)``; returns ``(V·B, 3, size, size)``, view-major."""
+def resized_crops(src: Tensor, boxes: Tensor, flip: Tensor, size: int, sizes: Tensor | None = None) -> Tensor:
+    """Crops ``boxes (V, B, 4)`` (x1, y1, x2, y2) of the float canvases ``src (B, 3, S, S)``, resized to ``size``
+    and mirrored where ``flip (V, B)``; returns ``(V·B, 3, size, size)``, view-major. ``sizes (B, 2)``: the height
+    and width of each image in its canvas (samples never reach the padding); default the whole canvas."""
     v, b, _ = boxes.shape
     side = src.shape[-1]
     box, flips = boxes.flatten(0, 1), flip.flatten()
-    mx = resample_matrix(box[:, 0], box[:, 2], size, side, flips).view(v, b, size, side)
-    my = resample_matrix(box[:, 1], box[:, 3], size, side).view(v, b, size, side)
+    hw = (sizes if sizes is not None else torch.full((b, 2), side, device=src.device)).repeat(v, 1)  # (V·B, 2)
+    mx = resample_matrix(box[:, 0], box[:, 2], size, side, flips, hw[:, 1]).view(v, b, size, side)
+    my = resample_matrix(box[:, 1], box[:, 3], size, side, None, hw[:, 0]).view(v, b, size, side)
     out = torch.empty(v, b, 3, size, size, device=src.device, dtype=src.dtype)
     for k in range(v):  # a loop over views (2 or a few), not images
         cols = torch.bmm(src.view(b, 3 * side, side), mx[k].transpose(1, 2)).view(b, 3, side, size)  # (B, 3, S, l)
@@ -214,34 +232,37 @@ class MultiCrop:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(
-        self, images: Tensor, gen: torch.Generator, rows: slice = slice(None), total: int | None = None
-    ) -> dict[str, Tensor]:
+        self, images: Tensor, gen: torch.Generator, rows: slice = slice(None), total: int | None = None,
+        sizes: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """``images`` are the rows ``rows`` of a batch of ``total`` (torchrun; default: the whole batch): the random
-        numbers are drawn for all ``total`` images and these rows kept, so the views do not depend on the split."""
+        numbers are drawn for all ``total`` images and these rows kept, so the views do not depend on the split.
+        ``sizes (B, 2)``: each image's height and width at the top-left of its canvas (default: the whole canvas)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, S, S) uint8 batch, got {tuple(images.shape)} {images.dtype}")
         b = images.shape[0]
+        sizes = full_sizes(images) if sizes is None else sizes
         src = images.float()  # (B, 3, S, S) in 0..255; the 1/255 is folded into the colour matrix
         ones = torch.ones(b, device=images.device)
         blur_g = torch.cat([ones * self.blur_probs[0], ones * self.blur_probs[1]])  # (2B,) per-view probabilities
         solar_g = torch.cat([ones * 0.0, ones * self.solarize_prob])
         draw = _Draw(gen, rows, total or b, images.device)
-        out = {"global": self._views(src, 2, self.global_size, self.global_scale, blur_g, solar_g, draw)}
+        out = {"global": self._views(src, sizes, 2, self.global_size, self.global_scale, blur_g, solar_g, draw)}
         if self.n_local > 0:
             probs = ones.repeat(self.n_local)
-            out["local"] = self._views(src, self.n_local, self.local_size, self.local_scale, probs * self.blur_probs[2],
-                                       probs * 0.0, draw)  # fmt: skip
+            out["local"] = self._views(src, sizes, self.n_local, self.local_size, self.local_scale,
+                                       probs * self.blur_probs[2], probs * 0.0, draw)  # fmt: skip
         return out
 
     def _views(
-        self, src: Tensor, n_views: int, size: int, scale: tuple[float, ...], blur_p: Tensor, solar_p: Tensor,
-        draw: _Draw,
+        self, src: Tensor, sizes: Tensor, n_views: int, size: int, scale: tuple[float, ...], blur_p: Tensor,
+        solar_p: Tensor, draw: _Draw,
     ) -> Tensor:  # fmt: skip
-        b, _, side, _ = src.shape
+        b = src.shape[0]
         n, dev, gen, k = b * n_views, src.device, draw.gen, draw.total * n_views  # k: views of the whole batch
-        boxes = draw.keep(crop_boxes(k, side, scale, gen, dev), n_views).view(n_views, b, 4)
+        boxes = crop_boxes(sizes.repeat(n_views, 1), scale, draw.rand(n_views, CROP_DRAWS)).view(n_views, b, 4)
         flip = draw.rand(n_views) < self.flip_prob
-        x = resized_crops(src, boxes, flip.view(n_views, b), size)  # (n, 3, size, size) in 0..255
+        x = resized_crops(src, boxes, flip.view(n_views, b), size, sizes)  # (n, 3, size, size) in 0..255
         # colour jitter with p jitter_prob, ops in a random order per image, then grayscale with p grayscale_prob
         jitter = draw.rand(n_views) < self.jitter_prob
         factors = [
@@ -269,6 +290,12 @@ class MultiCrop:
         at, turn = ((128 / 255 - mean) / std).unsqueeze(-1), ((1 - 2 * mean) / std).unsqueeze(-1)  # (1, 3, 1, 1)
         x = _where(solar, x, lambda v, i: torch.where(v >= at, turn - v, v))  # x ↦ 1 - x where x ≥ 128/255
         return x  # (n, 3, size, size) float32, normalised
+
+
+def full_sizes(images: Tensor) -> Tensor:
+    """``(B, 2)`` sizes saying that every image fills its whole canvas."""
+    b, _, h, w = images.shape
+    return torch.tensor([[h, w]], device=images.device).expand(b, 2)
 
 
 def _where(

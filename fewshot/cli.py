@@ -79,15 +79,22 @@ def command(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _show_library_warnings()
+        in_step = False  # whether every torchrun rank ends here together (success, or an error all of them raised)
         try:
             _check_processes(fn.__name__)
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            in_step = True
+            return result
         except FewshotError as exc:
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            in_step = getattr(exc, "every_rank", False)  # fewshot.distributed.SharedError
+            if _leader() or not in_step:  # an error every rank raised is printed once
+                typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True)
             raise typer.Exit(130) from None
+        finally:
+            _leave_process_group(in_step)
 
     app.command()(wrapper)
     return fn
@@ -120,6 +127,17 @@ def _check_processes(name: str) -> None:
     if name not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FewshotError(f"`fewshot {name}` runs in one process; start it without torchrun (use torchrun for "
                            "pretrain and extract)")  # fmt: skip
+
+
+def _leave_process_group(in_step: bool) -> None:
+    """Under torchrun, every rank leaves the process group together once the command is done (see
+    :func:`fewshot.distributed.shutdown`); outside torchrun there is none."""
+    import sys
+
+    if "torch.distributed" in sys.modules:  # only pretrain and extract join one, and they imported it
+        from fewshot.distributed import shutdown
+
+        shutdown(synchronise=in_step)
 
 
 def _leader() -> bool:

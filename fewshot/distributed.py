@@ -19,12 +19,21 @@ The scheme, the same as DINO's and MAE's reference scripts:
 - only rank 0 writes files, logs and the progress bar; every rank reads the checkpoint to resume (put the run
   folder on a shared filesystem for several nodes), and the checkpoint does not depend on the number of
   processes, so a run started on 8 GPUs resumes on 1.
+
+Leaving in step: a check that can fail on one rank only (a lock only rank 0 takes, a file one node cannot see) runs
+inside :func:`together`, so every rank raises the same error at the same point instead of some waiting forever in a
+collective; and a command ends with :func:`shutdown` on every rank (a barrier, then the process group destroyed
+while the interpreter is fully alive). Tearing gloo down in an atexit hook without that barrier let a rank exit
+while its peer was still finishing, and the peer occasionally aborted at exit (SIGABRT, "terminate called without
+an active exception") after a good run.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,13 +86,48 @@ def setup(device: torch.device) -> Dist:
                 )
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
-        atexit.register(_teardown)
+        atexit.register(shutdown, synchronise=False)  # a last resort only: commands call shutdown() themselves
     return Dist(rank, world, local_rank)
 
 
-def _teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def local_world() -> int:
+    """Processes on this node (1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def shutdown(synchronise: bool = True) -> None:
+    """Leave the process group, every rank in step: wait for all ranks (``synchronise``), then destroy the group.
+    Call it on every rank at the end of the work, or after an error every rank raised together (:func:`together`);
+    without ``synchronise`` after an error only this rank saw (the others may be inside another collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+class SharedError(FewshotError):
+    """A :class:`FewshotError` raised on every rank by :func:`together` (so rank 0 alone needs to print it)."""
+
+    every_rank = True
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Run a block whose checks may fail on some ranks only; afterwards, if any rank raised a
+    :class:`FewshotError` inside it, every rank raises the first such error (as :class:`SharedError`), so no rank
+    is left waiting in a collective for one that gave up. A no-op outside torchrun."""
+    if not active():
+        yield
+        return
+    error = ""
+    try:
+        yield
+    except FewshotError as exc:
+        error = str(exc) or type(exc).__name__
+    errors = gather_objects([error] if error else [])  # every rank takes part, failed or not
+    if errors:
+        raise SharedError(errors[0])
 
 
 def active() -> bool:

@@ -81,9 +81,8 @@ def run_episodes(
     ``confusion`` (rows true, columns predicted, summed over seeds). Full-label k-NN rows
     (``cfg.evaluate.full_knn``) have ``shots`` None and one seed.
     """
-    from tqdm.auto import tqdm
-
     from fewshot.heads import make_head
+    from fewshot.progress import bar as progress_bar
 
     ev = cfg.evaluate
     check_evaluate_config(cfg)
@@ -111,7 +110,7 @@ def run_episodes(
 
     total = len(pairs) * (len(strategies) * len(ev.heads) * len(shots_list) * len(seeds) + int(ev.full_knn))
     rows: list[dict] = []
-    with tqdm(total=total, desc="episodes", unit="fit", disable=not progress) as bar:
+    with progress_bar(total=total, desc="episodes", unit="fit", disable=not progress) as bar:
         for backbone, (train, test) in pairs.items():
             x_train = np.asarray(train.features, dtype=np.float32)  # (N_train, D)
             y_train = np.asarray(train.labels, dtype=np.int64)  # (N_train,)

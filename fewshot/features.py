@@ -125,7 +125,8 @@ def check_pool(pool: str) -> None:
 def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ranks: Any) -> Features:
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+
+    from fewshot.progress import bar as progress_bar
 
     device = ranks.device(pick_device(cfg.device))
     model = backbone.model.to(device) if backbone.model is not None else None
@@ -140,7 +141,7 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ran
     out: np.ndarray | None = None  # (N, D), allocated once the first batch tells D: memory stays flat
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
-    bar = tqdm(total=len(share), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(share), desc=f"extract {cfg.backbone}", unit="img", disable=not progress, leave=False)
     with torch.inference_mode():
         for x, index, bad in loader:
             skipped += bad

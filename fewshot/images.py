@@ -9,6 +9,7 @@ be decoded raises :class:`UnreadableImage` with a reason the caller lists as a s
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -35,8 +36,12 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(source: str | Path | bytes | BinaryIO) -> Image.Image:
-    """Open ``source`` (a path, bytes or a binary file object) and return an RGB image, fully decoded."""
+def load_rgb(source: str | Path | bytes | BinaryIO, draft: int | None = None) -> Image.Image:
+    """Open ``source`` (a path, bytes or a binary file object) and return an RGB image, fully decoded.
+
+    ``draft``: a JPEG whose longer side exceeds it is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+    Pillow's draft mode) where the result still has a longer side of at least ``draft`` px: several times faster
+    for photos that are resized down anyway. Other formats ignore it."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
@@ -45,6 +50,9 @@ def load_rgb(source: str | Path | bytes | BinaryIO) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as opened:
                 opened.seek(0)
+                if draft and opened.format == "JPEG" and max(opened.size) > draft:
+                    scale = draft / max(opened.size)  # draft keeps both sides ≥ the requested ones
+                    opened.draft(None, (math.ceil(opened.width * scale), math.ceil(opened.height * scale)))
                 opened.load()
                 return to_rgb(ImageOps.exif_transpose(opened))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

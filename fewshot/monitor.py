@@ -214,11 +214,8 @@ def _decoder(img_size: int, crop_pct: float, interpolation: str) -> Any:
 
 def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torch.Tensor, torch.Tensor, list, int]:
     """The labelled images of ``source`` decoded once: ``(N, 3, S, S)`` uint8, labels (N,), classes, #skipped."""
-    import sys
-
-    from tqdm import tqdm
-
     from fewshot.images import UnreadableImage
+    from fewshot.progress import bar as progress_bar
     from fewshot.sources import open_source
 
     try:
@@ -229,8 +226,7 @@ def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torc
     kept: list[torch.Tensor] = []
     labels: list[int] = []
     skipped = 0
-    for i in tqdm(range(len(subset)), desc="decoding", unit="img", disable=not progress or len(subset) < 500,
-                  file=sys.stderr):  # fmt: skip
+    for i in progress_bar(range(len(subset)), desc="decoding", unit="img", disable=not progress or len(subset) < 500):
         try:
             kept.append(decode(subset.load(i)))  # (3, S, S) uint8
         except (UnreadableImage, OSError):
@@ -243,7 +239,7 @@ def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torc
 
 
 class _Labeled:
-    """The labelled records of an ImageSet, in the shape :func:`fewshot.train.decode_images` reads."""
+    """The labelled records of an ImageSet (a CSV may leave some unlabelled)."""
 
     def __init__(self, images: Any) -> None:
         self.images = images

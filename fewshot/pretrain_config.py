@@ -109,7 +109,7 @@ class DinoConfig:
     center_momentum: float = 0.9
     momentum_teacher: float | None = None  # EMA start, cosine to 1; None: 1 - 20/T in [0.99, 0.996] (T steps),
     # with --init 1 - 5/T in [0.996, 0.9995]: the teacher starts good, so it moves slowly
-    # multi-crop (scales are fractions of the stored image's area)
+    # multi-crop (scales are fractions of the image's own area)
     global_crop_scale: tuple[float, ...] = (0.4, 1.0)
     local_crops: int = 8
     local_crop_size: int | None = None  # None: img_size × 96/224, rounded to a multiple of the patch size
@@ -167,6 +167,20 @@ class MaeConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where the decoded images live (:mod:`fewshot.image_cache`, :mod:`fewshot.image_store`) and how they are made.
+
+    None of these change what is trained (``draft`` changes the decoded pixels slightly; it is part of the cache
+    key), so all but ``draft`` may differ when a run is resumed."""
+
+    cache_dir: str | None = None  # folder of the decoded-image cache; None: $FEWSHOT_CACHE/images (~/.cache/fewshot)
+    workers: int = 0  # decoding processes per node; 0: every core (shared among a node's torchrun processes)
+    draft: bool = True  # decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT) when still ≥ the stored resolution
+    memory_gb: float | None = None  # GiB of images a process may copy into RAM, else it reads the memory-mapped
+    # cache (as fast per step); None: 1 GiB, at most RAM / 4 / processes on the node (GPUs: see image_store)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """What ``fewshot pretrain`` trains, for how long, and where."""
 
@@ -183,7 +197,7 @@ class PretrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CUDA only)
     compile: bool = False  # torch.compile the ViT blocks (worth it on GPUs for long runs; the first steps compile)
     seed: int = 0
-    store_size: int | None = None  # side of the decoded square images kept in memory; None: img_size × 8/7
+    store_size: int | None = None  # longer side of each stored image (aspect kept, on a canvas); None: 2×img_size
     mean: tuple[float, ...] | None = None  # input normalisation; None: the init's, else ImageNet's
     std: tuple[float, ...] | None = None
     monitor: str | None = None  # labelled images: k-NN top-1 of the exported backbone at step 0 and every epoch
@@ -196,6 +210,7 @@ class PretrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         from fewshot.methods import METHODS  # names only: imports nothing heavy

@@ -2,9 +2,9 @@
 ``original | masked | reconstruction``, written as a PNG into the run folder so a user can see what the model
 has learnt while it trains.
 
-The images are fixed for the whole run (evenly spaced through the decoded store, resized to the model's input
-size) and so are their masks (a generator seeded with the run's seed), so grids of successive epochs compare the
-same patches.
+The images are fixed for the whole run (evenly spaced through the decoded store, the centre square of each
+resized to the model's input size) and so are their masks (a generator seeded with the run's seed), so grids of
+successive epochs compare the same patches.
 """
 
 from __future__ import annotations
@@ -23,13 +23,20 @@ from fewshot.outputs import write_atomically
 GAP = 2  # white pixels between panels and rows
 
 
-def fixed_images(store: Tensor, n: int, size: int) -> Tensor:
-    """``n`` images evenly spaced through the ``(N, 3, S, S)`` uint8 store, resized to ``size`` (whole image)."""
-    idx = torch.linspace(0, store.shape[0] - 1, min(n, store.shape[0])).round().long()
-    x = store[idx.to(store.device)].float()  # (n, 3, S, S)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+def fixed_images(store: Any, n: int, size: int) -> Tensor:
+    """``n`` images evenly spaced through ``store`` (a :class:`fewshot.image_store.ImageStore`): the centre square
+    of each image in its canvas, resized to ``size``; ``(n, 3, size, size)`` uint8."""
+    idx = torch.linspace(0, len(store) - 1, min(n, len(store))).round().long()
+    pixels, sizes = store.gather(idx)  # (n, 3, S, S), (n, 2)
+    out = []
+    for image, (h, w) in zip(pixels, sizes.tolist(), strict=True):  # a few images
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        x = image[:, top : top + s, left : left + s].float()[None]  # (1, 3, s, s)
+        if s != size:
+            x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x)
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
 
 
 def grid_size(n: int, side: int) -> tuple[int, int]:
@@ -50,7 +57,7 @@ def grid_image(original: Tensor, masked: Tensor, recon: Tensor) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def write_reconstructions(model: Any, store: Tensor, path: Path, n: int = 8, seed: int = 0) -> Path:
+def write_reconstructions(model: Any, store: Any, path: Path, n: int = 8, seed: int = 0) -> Path:
     """Write the ``original | masked | reconstruction`` grid of ``n`` fixed images of ``store`` to ``path``.
 
     ``model``: an ``nn.Module`` with ``img_size`` and ``reconstruct(images (n, 3, S, S) uint8, generator)``

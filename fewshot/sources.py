@@ -66,18 +66,22 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, i: int) -> Image.Image:
-        """Decode record ``i`` as RGB; raises :class:`UnreadableImage` with a reason."""
-        rec = self.records[i]
+    def load(self, i: int, draft: int | None = None) -> Image.Image:
+        """Decode record ``i`` as RGB (``draft``: see :func:`fewshot.images.load_rgb`); raises
+        :class:`UnreadableImage` with a reason."""
+        return self.load_record(self.records[i], draft)
+
+    def load_record(self, rec: Record, draft: int | None = None) -> Image.Image:
+        """Decode ``rec`` (one of this set's records; a worker process may hold the set without its record list)."""
         if rec.file is not None:
-            return load_rgb(rec.file)
+            return load_rgb(rec.file, draft)
         item = self._hf[rec.row][self._hf_image]
         if isinstance(item, Image.Image):
             return load_rgb(_png_bytes(item))
         if item.get("bytes"):
-            return load_rgb(item["bytes"])
+            return load_rgb(item["bytes"], draft)
         if item.get("path"):
-            return load_rgb(item["path"])
+            return load_rgb(item["path"], draft)
         raise UnreadableImage("empty image cell")
 
 

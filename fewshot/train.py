@@ -6,12 +6,15 @@ torchrun (:mod:`fewshot.distributed`). A run may start from any backbone spec (`
 the guard of :mod:`fewshot.adapt` then keeps it from destroying those weights, and with ``--monitor`` the k-NN
 accuracy is accounted from the start (:mod:`fewshot.start_point`).
 
-Images are decoded once into memory (:mod:`fewshot.store`) as a ``(N, 3, S, S)`` uint8 tensor and each step
-augments a whole batch with tensor ops on the training device.
+Every setting is checked before any image is read (the method and its model are built on the listed number of
+images first). Images are decoded once, whole, into canvases of the on-disk cache (:mod:`fewshot.image_cache`),
+read from memory, the memory map or the GPU (:mod:`fewshot.image_store`), and each step augments a whole batch
+with tensor ops on the training device, cropping inside each image's own box.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -24,19 +27,21 @@ from tqdm import tqdm
 from fewshot import adapt, distributed
 from fewshot.config import from_dict, save_config, to_dict
 from fewshot.errors import FewshotError
+from fewshot.image_store import Batches, ImageStore, open_store
 from fewshot.methods import get_method
 from fewshot.methods.base import Method, RunPlan
 from fewshot.pretrain_config import PretrainConfig
+from fewshot.progress import bar as progress_bar
 from fewshot.runs import RunFolder, load_run_checkpoint, restore_rng, save_backbone, save_run_checkpoint
 from fewshot.schedules import capped_steps, cosine
 from fewshot.start_point import StartPoint
-from fewshot.store import check_memory, decode_images, place
 
-__all__ = ["decode_images", "load_run_config", "pretrain"]  # decode_images: where users found it before
+__all__ = ["load_run_config", "pretrain"]
 
 # settings that may change when a run is resumed; anything else must match the run's config.json
 RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test", "monitor_pool", "log_every",
-                     "checkpoint_every", "adapt.warn_margin")  # fmt: skip
+                     "checkpoint_every", "adapt.warn_margin", "data.cache_dir", "data.workers",
+                     "data.memory_gb")  # fmt: skip
 
 
 def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -57,11 +62,12 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     ranks = distributed.setup(device)
     device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK
     run = RunFolder(Path(out))
-    if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
-        return _pretrain(images, cfg, init, run, progress=False, device=device, autocast=autocast, ranks=ranks)
-    run.create()
-    with run.lock():  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, init, run, progress, device, autocast, ranks)
+    with contextlib.ExitStack() as held:
+        with distributed.together():  # a folder in use fails rank 0 only: every rank stops
+            if ranks.main:  # rank 0 alone creates, locks and writes the run folder
+                run.create()
+                held.enter_context(run.lock())  # one writer per run folder, for the whole run
+        return _pretrain(images, cfg, init, run, progress and ranks.main, device, autocast, ranks)
 
 
 def _pretrain(
@@ -77,31 +83,32 @@ def _pretrain(
     out = run.root
     assert cfg.img_size is not None  # resolved (fewshot.inits.resolve_pretrain), as every optim value
     o: Any = cfg.optim
-    resume = run.has_checkpoint()
-    if resume:
-        _check_resumable(run, cfg)
-    if cfg.batch_size % ranks.world:
-        raise FewshotError(
-            f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
-            f"use a multiple of {ranks.world}"
-        )
-    monitor = _monitor(cfg, init, progress) if ranks.main else None  # before training: a bad --monitor fails at once
-    store_size = cfg.store_size or math.ceil(cfg.img_size * 8 / 7)
-    check_memory(len(images), store_size)
-    store, skipped = decode_images(images, store_size, progress)
-    if skipped and ranks.main:
-        first = f"{skipped[0]['path']}: {skipped[0]['reason']}"
-        tqdm.write(f"skipped {len(skipped)} unreadable image(s), e.g. {first}", file=sys.stderr)
-    store = place(store, device)
-    n = store.shape[0]
-    per_epoch = n // cfg.batch_size
-    if per_epoch < 1:
-        raise FewshotError(f"{n} readable image(s), fewer than --batch-size {cfg.batch_size}; lower --batch-size")
-    total = cfg.steps or cfg.epochs * per_epoch
-    plan = RunPlan(n, cfg.batch_size, per_epoch, total)
-    torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
-    method: Method = get_method(cfg.method).build(cfg, plan, init)
+    with distributed.together():  # every setting is checked before any image is read
+        resume = run.has_checkpoint()
+        if resume:
+            _check_resumable(run, cfg)
+        if cfg.batch_size % ranks.world:
+            raise FewshotError(
+                f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
+                f"use a multiple of {ranks.world}"
+            )
+        # the method and its model (method name, architecture, sizes, --init) on the listed number of images; rebuilt
+        # below only if unreadable images change the plan
+        plan = _plan(cfg, len(images))
+        method: Method = _build(cfg, plan, init)
+        # before training: a bad --monitor fails at once
+        monitor = _monitor(cfg, init, progress) if ranks.main else None
+    store, cached = open_store(images, cfg, ranks, progress)
+    if ranks.main:
+        _report_store(store, cached)
+    store = store.place(device, cfg.data.memory_gb)
+    n = len(store)
+    if n != plan.n_images:
+        plan = _plan(cfg, n)
+        del method  # one model in memory at a time
+        method = _build(cfg, plan, init)
     method.to(device)
+    per_epoch, total = plan.steps_per_epoch, plan.total_steps
     warmup = _warmup_steps(cfg.optim, per_epoch, total)
     guard = adapt.resolve(cfg.adapt, init is not None, total, warmup)
     opt = _optimizer(method, cfg, device, adapt.lr_scales(method, guard))
@@ -127,9 +134,11 @@ def _pretrain(
     elif ranks.main:
         run.metrics.unlink(missing_ok=True)
     if ranks.main:
+        images_info = {"stored_side": store.side, "where": store.where, "cache": str(store.file or "")}
         save_config(
-            cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved,
-            processes=ranks.world, init=init.record() if init is not None else None,
+            cfg, run.config, method=cfg.method, n_images=n, skipped=len(store.skipped), plan=vars(plan),
+            resolved=resolved, processes=ranks.world, images=images_info,
+            init=init.record() if init is not None else None,
         )  # fmt: skip
         if method.init_report:
             tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
@@ -138,6 +147,28 @@ def _pretrain(
     record = init.record() if init is not None else None
     loop = _Loop(cfg, run, method, opt, store, plan, lr, wd, device, autocast, progress, ranks, monitor, guard, record)
     return loop.run(start)
+
+
+def _plan(cfg: PretrainConfig, n: int) -> RunPlan:
+    per_epoch = n // cfg.batch_size
+    if per_epoch < 1:
+        raise FewshotError(f"{n} readable image(s), fewer than --batch-size {cfg.batch_size}; lower --batch-size")
+    return RunPlan(n, cfg.batch_size, per_epoch, cfg.steps or cfg.epochs * per_epoch)
+
+
+def _build(cfg: PretrainConfig, plan: RunPlan, init: Any) -> Method:
+    torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
+    return get_method(cfg.method).build(cfg, plan, init)
+
+
+def _report_store(store: ImageStore, cached: Any) -> None:
+    """Rank 0's lines about the images: unreadable ones skipped (as when listing), and the cache entry used."""
+    if store.skipped:
+        first = f"{store.skipped[0]['path']}: {store.skipped[0]['reason']}"
+        tqdm.write(f"skipped {len(store.skipped)} unreadable image(s), e.g. {first}", file=sys.stderr)
+    if cached is not None:
+        how = f"decoded in {cached.seconds:.0f} s into" if cached.built else "reused from"
+        tqdm.write(f"{len(store)} images at {store.side} px {how} the image cache {cached.path}", file=sys.stderr)
 
 
 class _Loop:
@@ -182,7 +213,8 @@ class _Loop:
         t_start = time.perf_counter()
         ranks, main = self.ranks, self.ranks.main
         rows = ranks.rows(b)  # this process's rows of every global batch
-        bar = tqdm(total=total, initial=start, unit="step", desc=cfg.method, disable=not self.progress, file=sys.stderr)
+        feed = Batches(self.store, b, rows, cfg.seed, per_epoch, total, self.device)
+        bar = progress_bar(total=total, initial=start, unit="step", desc=cfg.method, disable=not self.progress)
         method.train()
         self.guard.apply(start)  # the head warm-up freezes the backbone before DDP registers what trains
         self._wrap()
@@ -194,14 +226,9 @@ class _Loop:
         bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         t_log = t_epoch = time.perf_counter()
         logs: dict[str, float] = {}
-        perm = torch.empty(0, dtype=torch.long)
         for step in range(start, total):
-            epoch, i = divmod(step, per_epoch)
-            if i == 0 or step == start:
-                order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # a function of the epoch: resumable
-                perm = torch.randperm(plan.n_images, generator=order).to(self.store.device)
-            batch_ids = perm[i * b : (i + 1) * b][rows]  # (B / world,) this rank's share of the global batch
-            images = self.store[batch_ids].to(self.device, non_blocking=True)  # (B / world, 3, S, S) uint8
+            epoch = step // per_epoch
+            images, sizes = feed(step)  # (B / world, 3, S, S) uint8 canvases, (B / world, 2): this rank's share
             gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentations are a function of (seed, step): resumable
             # the global RNG (drop path): a function of (seed, step, rank), so resumable and different per rank
             torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + ranks.rank + 1)
@@ -210,7 +237,7 @@ class _Loop:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr[step] * self.guard.lr_factor(group, step)
                 group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
-            batch = method.augment(images, gen, rows, b)
+            batch = method.augment(images, gen, rows, b, sizes)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = self.model(batch, step)
             loss = out["loss"]
@@ -268,6 +295,7 @@ class _Loop:
                     method.on_epoch_end(epoch, self.folder.root, self.store, done == total)
                     if (epoch + 1) % cfg.checkpoint_every == 0 or done == total:
                         self._save(done)
+        feed.close()
         bar.close()
         distributed.barrier()  # every process returns once rank 0 has written the final files
         return self._summary(logs, start, time.perf_counter() - t_start)

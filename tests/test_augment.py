@@ -1,5 +1,5 @@
-"""Batched multi-crop augmentation: shapes, ranges, seeding, how often each op fires, and crops, colour ops and blur
-against torchvision."""
+"""Batched multi-crop augmentation: shapes, ranges, seeding, how often each op fires, and crops (inside each image's
+box of its canvas), colour ops and blur against torchvision."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from fewshot.augment import MultiCrop, colour_matrix, crop_boxes, gaussian_blur, resample_matrix, resized_crops
+from fewshot.augment import (
+    CROP_DRAWS,
+    MultiCrop,
+    colour_matrix,
+    crop_boxes,
+    gaussian_blur,
+    resample_matrix,
+    resized_crops,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -106,11 +114,16 @@ def test_blur_and_solarise_fire_per_view_with_dinos_probabilities() -> None:
     assert not solarised[0].any() and not solarised[2:].any() and 0.05 < solarised[1].float().mean() < 0.4
 
 
+def _boxes(sizes: torch.Tensor, scale: tuple[float, float], seed: int = 0) -> torch.Tensor:
+    u = torch.rand(len(sizes), CROP_DRAWS, generator=torch.Generator().manual_seed(seed))
+    return crop_boxes(sizes, scale, u)
+
+
 @pytest.mark.parametrize("size,scale", [(24, (0.05, 0.4)), (32, (0.4, 1.0)), (80, (0.1, 1.0))])
 def test_crops_match_torchvision_roi_align(size: int, scale: tuple[float, float]) -> None:
     # the separable matmul resampling must give roi_align's (aligned, adaptive sampling) pixels, flips included
     images, g = _images(5, 40).float(), torch.Generator().manual_seed(1)
-    boxes = crop_boxes(15, 40, scale, g, torch.device("cpu"))
+    boxes = _boxes(torch.full((15, 2), 40), scale, seed=1)
     flip = torch.rand(15, generator=g) < 0.5
     ours = resized_crops(images, boxes.view(3, 5, 4), flip.view(3, 5), size)
     rois = torch.cat([torch.arange(5.0).repeat(3)[:, None], boxes], 1)
@@ -119,19 +132,96 @@ def test_crops_match_torchvision_roi_align(size: int, scale: tuple[float, float]
     torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=0)  # in 0..255
 
 
+@pytest.mark.parametrize("hw", [(40, 23), (17, 40), (31, 31)])
+def test_crops_of_an_image_in_a_canvas_are_roi_align_of_the_image_alone(hw: tuple[int, int]) -> None:
+    # the padding around an image is never sampled: at the image's own border the taps clamp, as roi_align's do
+    h, w = hw
+    image = _images(1, 40)[..., :h, :w].float()  # (1, 3, h, w)
+    canvases = torch.full((1, 3, 40, 40), 255.0)  # a bright padding that would show if sampled
+    canvases[..., :h, :w] = image
+    sizes = torch.tensor([[h, w]])
+    boxes = _boxes(sizes.expand(6, 2), (0.3, 1.0), seed=2)  # (6, 4) inside the h x w image
+    ours = resized_crops(canvases, boxes.view(6, 1, 4), torch.zeros(6, 1, dtype=torch.bool), 24, sizes)
+    rois = torch.cat([torch.zeros(6, 1), boxes], 1)
+    theirs = roi_align(image, rois, (24, 24), sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=0)
+
+
 def test_resampling_keeps_brightness_when_rounding_pushes_a_box_past_the_edge() -> None:
     # 72 px to 24: 3 taps per pixel; a span of 72 + ε must not ask for a 4th tap (rows would sum to 3/4)
     m = resample_matrix(torch.tensor([0.0, 0.0]), torch.tensor([72.0, 72.00001]), 24, 72)
     torch.testing.assert_close(m.sum(-1), torch.ones(2, 24))
 
 
-def test_crop_boxes_lie_inside_the_image_with_the_asked_area() -> None:
-    boxes = crop_boxes(2000, 50, (0.05, 0.4), torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert boxes.min() >= 0 and boxes.max() <= 50 + 1e-4
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 50**2
+def test_crop_boxes_lie_inside_each_image_with_the_asked_area_of_that_image() -> None:
+    sizes = torch.tensor([[50, 50], [30, 70], [64, 20]]).repeat(700, 1)  # (2100, 2) height, width
+    boxes = _boxes(sizes, (0.05, 0.4))
+    h, w = sizes[:, 0].float(), sizes[:, 1].float()
+    assert boxes.min() >= 0 and (boxes[:, 2] <= w + 1e-4).all() and (boxes[:, 3] <= h + 1e-4).all()
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = bw * bh / (h * w)
     assert area.min() >= 0.05 - 1e-5 and area.max() <= 0.4 + 1e-5
-    aspect = (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1])
-    assert aspect.min() >= 3 / 4 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    assert (bw / bh).min() >= 3 / 4 - 1e-4 and (bw / bh).max() <= 4 / 3 + 1e-4
+
+
+# large images, so that torchvision's integer boxes are close to our fractional ones; the tall one mostly falls back
+# to the central crop for scales (0.4, 1), where no 3:4..4:3 box of that area fits
+@pytest.mark.parametrize("hw", [(900, 1200), (1800, 600), (1024, 1024)])
+@pytest.mark.parametrize("scale", [(0.05, 0.4), (0.4, 1.0), (0.2, 1.0)])
+def test_crop_box_statistics_match_torchvisions_random_resized_crop(hw: tuple[int, int], scale: tuple[float, float]):
+    # the same image sizes through torchvision's own sampler (integer boxes, a loop per image) and ours (batched,
+    # fractional boxes): area share, aspect ratio and position follow the same distributions, fallbacks included
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    n, (h, w) = 20_000, hw
+    torch.manual_seed(0)
+    image = torch.zeros(1, h, w)
+    theirs = torch.tensor([RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+    ty, tx, th, tw = theirs.float().unbind(1)  # top, left, height, width
+    ours = _boxes(torch.tensor([[h, w]]).expand(n, 2), scale, seed=1)
+    ox, oy, ow, oh = ours[:, 0], ours[:, 1], ours[:, 2] - ours[:, 0], ours[:, 3] - ours[:, 1]
+    stats = {
+        "area": (tw * th / (h * w), ow * oh / (h * w)),
+        "aspect": (tw / th, ow / oh),
+        "centre x": ((tx + tw / 2) / w, (ox + ow / 2) / w),
+        "centre y": ((ty + th / 2) / h, (oy + oh / 2) / h),
+    }
+    for name, (a, b) in stats.items():
+        distance = ks_2samp(a.numpy(), b.numpy()).statistic
+        assert distance < 0.025, f"{name}: Kolmogorov-Smirnov distance {distance:.3f}"  # ≈0.014 by chance at 95%
+
+
+def test_a_marker_outside_the_centre_square_appears_in_some_crops() -> None:
+    # a 64 x 32 landscape photo with a red marker in its left corner, outside the centre 32 x 32 square that the old
+    # centre-square store kept: whole-image crops must reach it
+    image = torch.full((1, 3, 32, 64), 128, dtype=torch.uint8)
+    image[0, :, :6, :6] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    canvas = torch.zeros(16, 3, 64, 64, dtype=torch.uint8)
+    canvas[..., :32, :] = image
+    sizes = torch.tensor([[32, 64]]).expand(16, 2)
+    crop = MultiCrop(16, 8, 2, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0)
+    views = crop(canvas, torch.Generator().manual_seed(0), sizes=sizes)
+    for key in ("global", "local"):
+        x = _pixels(views[key])
+        red = (x[:, 0] > 0.7) & (x[:, 1] < 0.3)  # (V, l, l)
+        shows = red.flatten(1).any(1)
+        assert 0 < shows.float().mean() < 1, key  # in some crops, not all
+        assert not ((x < 0.05).all(1)).any(), key  # never the canvas's black padding
+
+
+def test_views_of_a_split_batch_are_the_rows_of_the_whole_batch_views() -> None:
+    # torchrun: a process holding rows 2..3 of a 4-image batch makes exactly those rows of the 1-process views
+    images = _images(4, 40)
+    sizes = torch.tensor([[40, 30], [20, 40], [40, 40], [33, 40]])
+    for i, (h, w) in enumerate(sizes.tolist()):
+        images[i, :, h:], images[i, :, :, w:] = 0, 0
+    crop = MultiCrop(16, 8, 2)
+    whole = crop(images, torch.Generator().manual_seed(5), sizes=sizes)
+    part = crop(images[2:], torch.Generator().manual_seed(5), slice(2, 4), 4, sizes[2:])
+    for key, n_views in (("global", 2), ("local", 2)):
+        expected = whole[key].view(n_views, 4, *whole[key].shape[1:])[:, 2:].flatten(0, 1)
+        torch.testing.assert_close(part[key], expected)
 
 
 @pytest.mark.parametrize("op,f,reference", [(0, 1.3, TF.adjust_brightness), (1, 0.7, TF.adjust_contrast),

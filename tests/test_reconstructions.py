@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewshot.image_store import ImageStore, fit_tensor
 from fewshot.methods.base import RunPlan
 from fewshot.methods.mae import MAE
 from fewshot.pretrain_config import MaeConfig, PretrainConfig
@@ -19,8 +20,12 @@ CFG = PretrainConfig(
 )  # fmt: skip
 
 
-def _store(n: int = 10, side: int = 40) -> torch.Tensor:
+def _images(n: int = 10, side: int = 40) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _store(n: int = 10, side: int = 40) -> ImageStore:
+    return ImageStore(*fit_tensor(_images(n, side), side))
 
 
 def _mae() -> MAE:
@@ -53,7 +58,15 @@ def test_grids_use_the_same_images_and_masks_and_leave_training_state_alone(tmp_
     assert a.read_bytes() == b.read_bytes()
     assert method.training and torch.equal(torch.get_rng_state(), rng)
     assert fixed_images(store, 4, 32).shape == (4, 3, 32, 32)
-    assert fixed_images(store[:2], 4, 32).shape == (2, 3, 32, 32)  # fewer images than rows
+    assert fixed_images(_store(2), 4, 32).shape == (2, 3, 32, 32)  # fewer images than rows
+
+
+def test_fixed_images_are_the_centre_squares_of_the_images_not_their_canvases() -> None:
+    wide = torch.zeros(1, 3, 20, 40, dtype=torch.uint8)
+    wide[..., 10:30] = 200  # the centre square is bright, the sides dark
+    store = ImageStore(*fit_tensor(wide, 40))  # a 20 x 40 image at the top of a 40 x 40 canvas of zeros
+    assert store.sizes.tolist() == [[20, 40]]
+    assert fixed_images(store, 1, 20).float().mean() == 200
 
 
 def test_training_loop_writes_a_grid_per_epoch_and_at_the_end(tmp_path: Path) -> None:
@@ -61,10 +74,10 @@ def test_training_loop_writes_a_grid_per_epoch_and_at_the_end(tmp_path: Path) ->
 
     from fewshot.train import pretrain
 
-    pretrain(_store(8), CFG, tmp_path / "run", progress=False)
+    pretrain(_images(8), CFG, tmp_path / "run", progress=False)
     pngs = sorted(p.name for p in (tmp_path / "run" / "reconstructions").iterdir())
     assert pngs == ["epoch_0001.png", "epoch_0002.png"]
     assert Image.open(tmp_path / "run" / "reconstructions" / "epoch_0002.png").size == grid_size(8, 32)
     only_end = replace(CFG, epochs=3, mae=replace(CFG.mae, reconstruct_every=0, reconstruct_images=2))
-    pretrain(_store(8), only_end, tmp_path / "end", progress=False)
+    pretrain(_images(8), only_end, tmp_path / "end", progress=False)
     assert [p.name for p in (tmp_path / "end" / "reconstructions").iterdir()] == ["epoch_0003.png"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -223,3 +224,39 @@ def test_a_bad_monitor_folder_fails_before_training(images: torch.Tensor, tmp_pa
     with pytest.raises(FewshotError, match="--monitor"):
         pretrain(images, dataclasses.replace(CFG, monitor=str(tmp_path / "nope")), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "nope"], "nope"),
+        (["--model", "not_a_model"], "not a timm architecture"),
+        (["--method", "mae", "--img-size", "30"], "must be a multiple of patch_size 8, got 30"),
+        (["--set", "pretrain.nope=1"], "unknown config key 'pretrain.nope'"),
+        (["--init", "missing.safetensors"], "'missing.safetensors' does not exist"),
+        (["--batch-size", "64"], "fewer than --batch-size 64"),
+        (["--locked"], "in use by another fewshot process"),
+    ],
+    ids=["method", "model", "sizes", "recipe-key", "init", "batch", "lock"],
+)
+def test_every_setting_error_comes_before_any_image_is_read(
+    args: list[str], message: str, digits: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fewshot import train
+    from fewshot.cli import app
+    from fewshot.runs import RunFolder
+
+    def no_reading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("images were read before the settings were checked")
+
+    monkeypatch.setattr(train, "open_store", no_reading)
+    out = tmp_path / "run"
+    out.mkdir()
+    base = ["pretrain", str(digits[0]), "--out", str(out), "--model", "vit_tiny_patch16_224", "--img-size", "32",
+            "--patch-size", "8", "--depth", "1", "--steps", "2", "--batch-size", "4", "-q"]  # fmt: skip
+    with RunFolder(out).lock() if args == ["--locked"] else contextlib.nullcontext():
+        result = CliRunner().invoke(app, base + [a for a in args if a != "--locked"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and message in result.output

@@ -5,13 +5,13 @@ the hooks below.
 A step of the loop, for a method ``m``::
 
     (the guard of fewshot.adapt freezes m.backbone_modules() for the head warm-up steps)
-    batch = m.augment(images_uint8, generator, rows, global_batch)  # (b, 3, S, S) uint8 -> model inputs
+    batch = m.augment(canvases_uint8, generator, rows, global_batch, sizes)  # (b, 3, S, S), (b, 2) -> inputs
     logs = m(batch, step)                              # {"loss": scalar with grad, other scalars detached}
     logs["loss"].backward()
     clip each parameter's gradient (optim.clip_grad), then m.before_optimizer_step(step)
     optimizer.step()                                   # lr × the group's lr_scale, weight decay from the schedules
     m.after_step(step)                                 # e.g. the EMA teacher update
-    at each epoch end: m.diagnose(epoch-averaged logs) -> warnings; m.on_epoch_end(epoch, run_dir, images, final)
+    at each epoch end: m.diagnose(epoch-averaged logs) -> warnings; m.on_epoch_end(epoch, run_dir, store, final)
 
 Everything a resume needs lives in ``m.state_dict()`` (teacher and buffers included).
 """
@@ -64,9 +64,12 @@ class Method(nn.Module):
         return ""
 
     def augment(
-        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
-    ) -> dict[str, Tensor]:
-        """Turn a ``(b, 3, S, S)`` uint8 batch into the method's inputs (views, masks, ...).
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None,
+        sizes: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """Turn a ``(b, 3, S, S)`` uint8 batch of canvases into the method's inputs (views, masks, ...). Each image
+        lies at the top-left of its canvas, ``sizes (b, 2)`` its height and width (None: the whole canvas); crops
+        are taken inside it, relative to its own area.
 
         Under torchrun ``images`` are the rows ``rows`` of a global batch of ``batch`` images: draw the random
         numbers for all ``batch`` images and keep these rows, so that every process gets its own augmentations
@@ -101,9 +104,9 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook after ``optimizer.step()`` (e.g. the momentum teacher's EMA update)."""
 
-    def on_epoch_end(self, epoch: int, run_dir: Path, images: Tensor, final: bool) -> None:
+    def on_epoch_end(self, epoch: int, run_dir: Path, images: Any, final: bool) -> None:
         """Hook after each epoch (0-based ``epoch``; ``final`` on the last) with the run folder and every decoded
-        image as ``(N, 3, S, S)`` uint8, e.g. to write reconstructions or attention maps."""
+        image (a :class:`fewshot.image_store.ImageStore`), e.g. to write reconstructions or attention maps."""
 
     def compile_blocks(self) -> None:
         """``pretrain.compile``: compile, in place, the transformer blocks of every timm model inside the method

@@ -195,9 +195,10 @@ class DINO(Method):
         return f"raise dino.momentum_teacher (now {self._resolved['momentum_teacher']:.4g})"
 
     def augment(
-        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
-    ) -> dict[str, Tensor]:
-        return self.multicrop(images, generator, rows, batch)
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None,
+        sizes: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        return self.multicrop(images, generator, rows, batch, sizes)
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         globals_ = batch["global"]  # (2B, 3, G, G)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewshot.augment import crop_boxes, resized_crops
+from fewshot.augment import CROP_DRAWS, crop_boxes, full_sizes, resized_crops
 from fewshot.errors import FewshotError
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init, prepare
 
@@ -151,18 +151,21 @@ class Decoder(nn.Module):
 def crop_flip(
     images: Tensor, size: int, scale: tuple[float, ...], flip_prob: float, mean: tuple[float, ...],
     std: tuple[float, ...], generator: torch.Generator, rows: slice = slice(None), total: int | None = None,
+    sizes: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """MAE's augmentation on a ``(B, 3, S, S)`` uint8 batch: RandomResizedCrop(``scale``) to ``size``, horizontal
-    flip, normalisation; one view per image (boxes from :func:`fewshot.augment.crop_boxes`). The images are the rows
-    ``rows`` of a batch of ``total`` (torchrun): the random numbers are drawn for all ``total``."""
+    """MAE's augmentation on a ``(B, 3, S, S)`` uint8 batch of canvases (``sizes (B, 2)``: each image's height and
+    width in its canvas, default the whole canvas): RandomResizedCrop(``scale``) of the image to ``size``,
+    horizontal flip, normalisation; one view per image (boxes from :func:`fewshot.augment.crop_boxes`). The images
+    are the rows ``rows`` of a batch of ``total`` (torchrun): the random numbers are drawn for all ``total``."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, S, S) uint8 batch, got {tuple(images.shape)} {images.dtype}")
-    b, _, side, _ = images.shape
+    b = images.shape[0]
     total = total or b
     dev = images.device
-    boxes = crop_boxes(total, side, scale, generator, dev)[rows]  # (B, 4)
+    sizes = full_sizes(images) if sizes is None else sizes
+    boxes = crop_boxes(sizes, scale, torch.rand(total, CROP_DRAWS, generator=generator, device=dev)[rows])  # (B, 4)
     flip = torch.rand(total, generator=generator, device=dev)[rows] < flip_prob
-    x = resized_crops(images.float(), boxes.view(1, b, 4), flip.view(1, b), size)  # (B, 3, size, size) in 0..255
+    x = resized_crops(images.float(), boxes.view(1, b, 4), flip.view(1, b), size, sizes)  # (B, 3, size, size)
     m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     return (x / 255 - m) / s  # (B, 3, size, size) float32, normalised
@@ -227,10 +230,12 @@ class MAE(Method):
         return {"encoder": self.encoder}
 
     def augment(
-        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None
-    ) -> dict[str, Tensor]:
+        self, images: Tensor, generator: torch.Generator, rows: slice = slice(None), batch: int | None = None,
+        sizes: Tensor | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         m, total = self.mae_cfg, batch or images.shape[0]
-        x = crop_flip(images, self.img_size, m.crop_scale, m.flip_prob, self.mean, self.std, generator, rows, total)
+        x = crop_flip(images, self.img_size, m.crop_scale, m.flip_prob, self.mean, self.std, generator, rows, total,
+                      sizes)  # fmt: skip
         masking = random_masking(total, self.n_patches, m.mask_ratio, generator, x.device)
         ids_keep, ids_restore, mask = (t[rows] for t in masking)  # this process's rows of the global batch
         return {"images": x, "ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask}
@@ -288,7 +293,7 @@ class MAE(Method):
         reconstruction = torch.where(hidden > 0, recon.clamp(0, 1), original)
         return original, masked, reconstruction
 
-    def on_epoch_end(self, epoch: int, run_dir: Path, images: Tensor, final: bool) -> None:
+    def on_epoch_end(self, epoch: int, run_dir: Path, images: Any, final: bool) -> None:
         """Every ``mae.reconstruct_every`` epochs and at the end: RUN/reconstructions/epoch_NNNN.png."""
         from fewshot.reconstructions import write_reconstructions
 
