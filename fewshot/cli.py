@@ -131,6 +131,10 @@ def pretrain(
     steps: Annotated[
         int | None, typer.Option("--steps", help="Stop after N optimiser steps (overrides epochs).")
     ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option("--minutes", help="Time budget: the steps that fit, from a timed probe of the step (no --steps)."),
+    ] = None,
     batch_size: BatchSize = None,
     device: Device = None,
     seed: Annotated[
@@ -161,8 +165,8 @@ def pretrain(
     from fewshot.sources import open_source
     from fewshot.train import pretrain as run
 
-    names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "batch_size", "device")
-    values = (method, model, img_size, patch_size, depth, epochs, steps, batch_size, device)
+    names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "minutes", "batch_size", "device")
+    values = (method, model, img_size, patch_size, depth, epochs, steps, minutes, batch_size, device)
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
     flags |= {"pretrain.seed": seed, "pretrain.init": init, "pretrain.monitor": monitor}
     cfg = _config(recipe, set_, flags)

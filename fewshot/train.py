@@ -10,16 +10,18 @@ augments a whole batch with tensor ops on the training device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from fewshot import distributed
+from fewshot import budget, distributed
 from fewshot.config import from_dict, save_config, to_dict
 from fewshot.errors import FewshotError
 from fewshot.methods import get_method
@@ -44,16 +46,17 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     (``backbone`` path, ``steps``, final logs). Raises :class:`FewshotError` for bad input or a diverged run.
     Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
     """
+    started = budget.clock()  # a --minutes budget counts from here
     cfg = getattr(cfg, "pretrain", cfg)
     device, autocast = _device(cfg)
     ranks = distributed.setup(device)
     device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK
     run = RunFolder(Path(out))
     if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
-        return _pretrain(images, cfg, run, progress=False, device=device, autocast=autocast, ranks=ranks)
+        return _pretrain(images, cfg, run, False, device, autocast, ranks, started)
     run.create()
     with run.lock():  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, run, progress, device, autocast, ranks)
+        return _pretrain(images, cfg, run, progress, device, autocast, ranks, started)
 
 
 def _pretrain(
@@ -64,6 +67,7 @@ def _pretrain(
     device: torch.device,
     autocast: bool,
     ranks: distributed.Dist,
+    started: float,
 ) -> dict[str, Any]:
     out = run.root
     resume = run.has_checkpoint()
@@ -87,6 +91,12 @@ def _pretrain(
     if per_epoch < 1:
         raise FewshotError(f"{n} readable image(s), fewer than --batch-size {cfg.batch_size}; lower --batch-size")
     total = cfg.steps or cfg.epochs * per_epoch
+    plan_budget = None
+    if cfg.minutes is not None:  # --minutes: the length comes from a timed probe of this run's own step
+        plan_budget = _budget_plan(cfg, run, resume, store, per_epoch, device, autocast, ranks, monitor, started)
+        total = plan_budget.total_steps
+        if ranks.main and progress:
+            tqdm.write(plan_budget.line(), file=sys.stderr)
     plan = RunPlan(n, cfg.batch_size, per_epoch, total)
     torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
     method: Method = get_method(cfg.method).build(cfg, plan)
@@ -117,7 +127,7 @@ def _pretrain(
     if ranks.main:
         save_config(
             cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved,
-            processes=ranks.world,
+            processes=ranks.world, **({"budget": dataclasses.asdict(plan_budget)} if plan_budget else {}),
         )  # fmt: skip
         if getattr(method, "init_report", ""):
             tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
@@ -174,19 +184,10 @@ class _Loop:
                 group["lr"] = self.lr[step]
                 group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
             batch = method.augment(images, gen, rows, b)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(batch, step)
-            loss = out["loss"]
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad > 0:
-                _clip_per_parameter(self.params, cfg.optim.clip_grad)
-            method.before_optimizer_step(step)
-            self.opt.step()
-            method.after_step(step)
-            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
-            for k, v in out.items():
-                acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
+            out = _optimise(self.model, method, self.opt, self.params, batch, step, cfg.optim.clip_grad, self.autocast)
+            bad = torch.where((bad < 0) & ~torch.isfinite(out["loss"].detach()), step, bad)
+            for k, value in out.items():
+                acc[k] = acc[k] + value.detach().float() if k in acc else value.detach().float()
             n_acc += 1
             bar.update(1)  # disabled on ranks other than 0
             done = step + 1
@@ -285,6 +286,107 @@ class _Loop:
         if self.ranks.main:
             tqdm.write(f"{line}; backbone → {self.folder.backbone}", file=sys.stderr)
         return {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
+
+
+def _optimise(
+    model: torch.nn.Module,
+    method: Method,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    batch: dict[str, torch.Tensor],
+    step: int,
+    clip_grad: float,
+    autocast: bool,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step on an augmented batch (``model`` is ``method`` or its DDP wrapper); the method's logs."""
+    device_type = params[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch, step)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if clip_grad > 0:
+        _clip_per_parameter(params, clip_grad)
+    method.before_optimizer_step(step)
+    opt.step()
+    method.after_step(step)
+    return out
+
+
+def _budget_plan(
+    cfg: PretrainConfig,
+    run: RunFolder,
+    resume: bool,
+    store: torch.Tensor,
+    per_epoch: int,
+    device: torch.device,
+    autocast: bool,
+    ranks: distributed.Dist,
+    monitor: Any,
+    started: float,
+) -> budget.BudgetPlan:
+    """The length of a ``--minutes`` run: the saved plan when resuming, else timed on a throwaway copy of the
+    model (:mod:`fewshot.budget`): its optimiser steps on this data and device, and one epoch end."""
+    import tempfile
+
+    minutes = budget.check_minutes(cfg.minutes)
+    if cfg.steps is not None:
+        raise FewshotError(f"--minutes {minutes:g} and --steps {cfg.steps} both set the run's length; give one")
+    if resume:
+        saved = budget.saved_plan(run.config)
+        if saved is None:
+            raise FewshotError(f"{run.root} has a checkpoint but no --minutes plan in config.json; use another --out")
+        return saved
+    method, opt, step = probe_step(cfg, store, per_epoch, device, autocast, ranks.rows(cfg.batch_size))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = budget.time_steps(step, sync)
+    epoch_end = 0.0
+    if ranks.main:  # the other ranks wait for rank 0's epoch ends
+        t0 = budget.clock()
+        with tempfile.TemporaryDirectory(prefix=".probe-", dir=run.root) as tmp:
+            probe_run = RunFolder(Path(tmp))
+            save_backbone(probe_run.backbone, method.export_backbone(), method.architecture, method.model_kwargs,
+                          cfg.mean, cfg.std, cfg.img_size, {})  # fmt: skip
+            save_run_checkpoint(probe_run, method, opt, {"step": 0})
+        epoch_end = (budget.clock() - t0) / cfg.checkpoint_every
+        if monitor is not None:
+            t0 = budget.clock()
+            monitor(method.export_backbone(), device, autocast)
+            epoch_end += budget.clock() - t0
+    # the slowest process sets the pace (the all-reduce of gradients itself is not timed)
+    timed = distributed.max_(torch.tensor([*seconds, epoch_end], dtype=torch.float64, device=device)).tolist()
+    return budget.plan_steps(minutes, started, timed[:-1], per_epoch, epoch_seconds=timed[-1])
+
+
+def probe_step(
+    cfg: PretrainConfig,
+    store: torch.Tensor,
+    per_epoch: int,
+    device: torch.device,
+    autocast: bool = False,
+    rows: slice = slice(None),
+) -> tuple[Method, torch.optim.Optimizer, Callable[[int], None]]:
+    """A throwaway copy of the run's model and optimiser, and ``step(i)``: one optimiser step on a random batch of
+    the ``(N, 3, S, S)`` uint8 ``store``, augmentation included (what ``--minutes`` times; benchmarks use it too).
+
+    The model is built from ``cfg.seed``, as the run's is, so the run after a probe starts from the same weights.
+    """
+    b = cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    method: Method = get_method(cfg.method).build(cfg, RunPlan(store.shape[0], b, per_epoch, per_epoch))
+    method.to(device).train()
+    opt = _optimizer(method, cfg, device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gen = torch.Generator(device=device)
+    order = torch.Generator().manual_seed(cfg.seed)
+
+    def step(i: int) -> None:
+        ids = torch.randint(store.shape[0], (b,), generator=order)[rows].to(store.device)
+        images = store[ids].to(device, non_blocking=True)  # (B / world, 3, S, S) uint8
+        gen.manual_seed(cfg.seed * 1_000_003 + i)
+        batch = method.augment(images, gen, rows, b)
+        _optimise(method, method, opt, params, batch, i, cfg.optim.clip_grad, autocast)
+
+    return method, opt, step
 
 
 def _monitor(cfg: PretrainConfig, progress: bool) -> Any:
