@@ -2,18 +2,19 @@
 
 The sweep (benchmarks/mae_cpu_sweep.md) defines its runs by step counts and measures accuracy; their cost is
 measured here, separately, so that a shared machine does not corrupt the per-minute comparison: every variant is
-timed in every round, and each gets its best round (the least-disturbed one) as "time alone". Each round times
-``--steps`` optimiser steps of the real training step (augmentation, forward, backward, AdamW:
-:func:`fewshot.train.probe_step`, what ``--minutes`` times) after the variant's untimed first round.
+timed in every round, and each gets its best round (the least-disturbed one). Each round times ``--steps``
+optimiser steps of the real training step (augmentation, forward, backward, AdamW: :func:`fewshot.train.probe_step`,
+what ``--minutes`` times) after the variant's untimed first step, both as wall time and as the process's CPU time.
+With one thread (the default) the CPU seconds of a step hardly depend on other jobs sharing the cores, so on a busy
+machine they are the cost to compare; the wall time of the best round is what an idle machine approaches.
 
-    python benchmarks/cpu_step_times.py                      # every variant, 2 threads
-    python benchmarks/cpu_step_times.py mae-32p4 dino-tiny --rounds 7 --threads 2
+    python benchmarks/cpu_step_times.py                      # every variant, 1 thread
+    python benchmarks/cpu_step_times.py mae-32p4 dino-cpu-tiny --rounds 7 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", default=list(VARIANTS), help="variants (default: all)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: CPU seconds per step do not depend on other jobs")
     parser.add_argument("--store", type=int, default=None, help="side of the stored images (default img × 8/7)")
     parser.add_argument("--minutes", type=float, default=20.0, help="budget for the steps column")
     args = parser.parse_args()
@@ -76,22 +77,25 @@ def main() -> None:
         _, _, step = probe_step(cfg, store, per_epoch=8, device=cpu)
         step(0)  # untimed: first-call allocations
         steppers[name] = (step, cfg)
-    times: dict[str, list[float]] = {name: [] for name in steppers}
+    wall: dict[str, list[float]] = {name: [] for name in steppers}
+    cpu: dict[str, list[float]] = {name: [] for name in steppers}
     for r in range(args.rounds):
         for name, (step, _) in steppers.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             for i in range(args.steps):
                 step(1 + r * args.steps + i)
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    print(f"{args.threads} threads, {args.rounds} rounds × {args.steps} steps, interleaved; best and median round")
-    print(f"| variant | img / patch (tokens) | batch | best s/step | median | img/s | steps in {args.minutes:g} min |")
+            wall[name].append((time.perf_counter() - w0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.3f}" for n, t in cpu.items()), flush=True)
+    print(f"\n{args.threads} thread(s), {args.rounds} rounds × {args.steps} steps, interleaved; best round of each")
+    print(f"| variant | img / patch (tokens) | batch | CPU s/step | wall s/step | img/s | steps in {args.minutes:g}m |")
     print("|---|---|---|---|---|---|---|")
     for name, (_, cfg) in steppers.items():
-        best, med = min(times[name]), statistics.median(times[name])
+        best_cpu, best_wall = min(cpu[name]), min(wall[name])
         tokens = (cfg.img_size // (cfg.patch_size or 16)) ** 2
-        steps = int(args.minutes * 60 / best)
-        print(f"| {name} | {cfg.img_size} / {cfg.patch_size} ({tokens}) | {cfg.batch_size} | {best:.3f} | {med:.3f} | "
-              f"{cfg.batch_size / best:.0f} | {steps} |")  # fmt: skip
+        steps = int(args.minutes * 60 / best_wall)
+        print(f"| {name} | {cfg.img_size} / {cfg.patch_size} ({tokens}) | {cfg.batch_size} | {best_cpu:.3f} | "
+              f"{best_wall:.3f} | {cfg.batch_size / best_wall:.0f} | {steps} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -147,7 +147,12 @@ def pretrain(
     monitor: Annotated[
         str | None, typer.Option("--monitor", help="Labelled images: log the backbone's k-NN accuracy every epoch.")
     ] = None,
-    recipe: Recipe = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", "-r", help="TOML recipe, or auto (the default without --model/--init): from device and data."
+        ),
+    ] = None,
     set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
@@ -157,10 +162,12 @@ def pretrain(
     dataset size and run length unless set (see README). The run folder is a backbone spec for extract, probe,
     evaluate and attention.
 
-    Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
+    Example: `fewshot pretrain data/unlabeled --minutes 20 --out runs/auto` (recipe auto: chosen from the device
+    and the data, printed and saved in config.json), or `--recipe recipes/dino-cpu-tiny.toml --out runs/dino`.
 
     Several GPUs or nodes: `torchrun --nproc_per_node=8 -m fewshot pretrain ...` (--batch-size is the global batch).
     """
+    from fewshot import auto_recipe
     from fewshot.runs import RunFolder
     from fewshot.sources import open_source
     from fewshot.train import pretrain as run
@@ -169,12 +176,21 @@ def pretrain(
     values = (method, model, img_size, patch_size, depth, epochs, steps, minutes, batch_size, device)
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
     flags |= {"pretrain.seed": seed, "pretrain.init": init, "pretrain.monitor": monitor}
-    cfg = _config(recipe, set_, flags)
+    given = auto_recipe.given_keys(flags, set_ or ())
+    auto = auto_recipe.wanted(recipe, given)
+    cfg = _config(None if auto else recipe, set_, flags)
     if resume and not RunFolder(out).has_checkpoint():
         raise FewshotError(f"--resume: '{out}' holds no checkpoint to continue; drop --resume to start a new run")
     images = open_source(data)
     _echo_skips(images.skipped)
-    run(images, cfg, out, progress=not quiet and _leader())
+    notes: dict[str, Any] = {}
+    if auto:  # the recipe from the device and the data; --set and flags still win
+        choice = auto_recipe.for_run(images, out, cfg.pretrain.device, given, cfg.pretrain.method)
+        cfg = _config(None, set_, flags, base=choice.base())
+        notes["auto_recipe"] = choice.record()
+        if _leader():
+            typer.echo(choice.line())
+    run(images, cfg, out, progress=not quiet and _leader(), notes=notes)
     if _leader():
         typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
 

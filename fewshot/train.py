@@ -37,13 +37,16 @@ __all__ = ["decode_images", "load_run_config", "pretrain"]  # decode_images: whe
 RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "log_every", "checkpoint_every")
 
 
-def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
+def pretrain(
+    images: Any, cfg: Any, out: Path, progress: bool = True, notes: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Pretrain a backbone on unlabelled ``images`` and write the run folder ``out``; resume it if it exists.
 
     ``images``: an object with ``__len__`` and ``load(i) -> PIL.Image`` (a :class:`fewshot.sources.ImageSet`),
     a sequence of objects with ``.load()``, a sequence of PIL images, or a ``(N, 3, H, W)`` uint8 tensor.
     ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section). Returns a summary dict
-    (``backbone`` path, ``steps``, final logs). Raises :class:`FewshotError` for bad input or a diverged run.
+    (``backbone`` path, ``steps``, final logs). ``notes``: facts saved in ``config.json`` beside the config (e.g.
+    what ``--recipe auto`` chose and why). Raises :class:`FewshotError` for bad input or a diverged run.
     Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
     """
     started = budget.clock()  # a --minutes budget counts from here
@@ -53,10 +56,10 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
     device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK
     run = RunFolder(Path(out))
     if not ranks.main:  # rank 0 alone creates, locks and writes the run folder
-        return _pretrain(images, cfg, run, False, device, autocast, ranks, started)
+        return _pretrain(images, cfg, run, False, device, autocast, ranks, started, notes or {})
     run.create()
     with run.lock():  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, run, progress, device, autocast, ranks, started)
+        return _pretrain(images, cfg, run, progress, device, autocast, ranks, started, notes or {})
 
 
 def _pretrain(
@@ -68,6 +71,7 @@ def _pretrain(
     autocast: bool,
     ranks: distributed.Dist,
     started: float,
+    notes: dict[str, Any],
 ) -> dict[str, Any]:
     out = run.root
     resume = run.has_checkpoint()
@@ -127,7 +131,7 @@ def _pretrain(
     if ranks.main:
         save_config(
             cfg, run.config, method=cfg.method, n_images=n, skipped=len(skipped), plan=vars(plan), resolved=resolved,
-            processes=ranks.world, **({"budget": dataclasses.asdict(plan_budget)} if plan_budget else {}),
+            processes=ranks.world, **({"budget": dataclasses.asdict(plan_budget)} if plan_budget else {}), **notes,
         )  # fmt: skip
         if getattr(method, "init_report", ""):
             tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
