@@ -53,10 +53,12 @@ class BudgetPlan:
         )
 
 
-def check_minutes(minutes: float | None) -> float:
-    """``minutes`` if it is a usable budget, else a one-line :class:`FewshotError`."""
+def check_minutes(minutes: float | None, steps: int | None = None) -> float:
+    """``minutes`` if it is a usable budget (and ``--steps`` is not set too), else a one-line :class:`FewshotError`."""
     if minutes is None or not minutes > 0 or not math.isfinite(minutes):
         raise FewshotError(f"--minutes must be a positive number of minutes, got {minutes}")
+    if steps is not None:
+        raise FewshotError(f"--minutes {minutes:g} and --steps {steps} both set the run's length; give one")
     return minutes
 
 

@@ -82,6 +82,8 @@ def _pretrain(
             f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
             f"use a multiple of {ranks.world}"
         )
+    if cfg.minutes is not None:
+        budget.check_minutes(cfg.minutes, cfg.steps)  # before decoding: a bad budget fails at once
     monitor = _monitor(cfg, progress) if ranks.main else None  # before training: a bad --monitor fails at once
     store_size = cfg.store_size or math.ceil(cfg.img_size * 8 / 7)
     check_memory(len(images), store_size)
@@ -332,9 +334,7 @@ def _budget_plan(
     model (:mod:`fewshot.budget`): its optimiser steps on this data and device, and one epoch end."""
     import tempfile
 
-    minutes = budget.check_minutes(cfg.minutes)
-    if cfg.steps is not None:
-        raise FewshotError(f"--minutes {minutes:g} and --steps {cfg.steps} both set the run's length; give one")
+    minutes = budget.check_minutes(cfg.minutes, cfg.steps)
     if resume:
         saved = budget.saved_plan(run.config)
         if saved is None:

@@ -128,3 +128,21 @@ def test_rerun_keeps_the_saved_plan_without_probing_again(
 def test_minutes_and_steps_together_are_refused(images: torch.Tensor, clock: FakeClock, tmp_path: Path) -> None:
     with pytest.raises(FewshotError, match="--minutes 0.1 and --steps 5 both set"):
         pretrain(images, dataclasses.replace(CFG, steps=5), tmp_path / "run", progress=False)
+
+
+def test_bad_budget_is_one_line_error_before_decoding(
+    digits: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fewshot import train
+    from fewshot.cli import app
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the budget is checked before the images are decoded")
+
+    monkeypatch.setattr(train, "decode_images", no_decoding)
+    for args, message in ((["--minutes", "0"], "--minutes must be a positive number"),
+                          (["--minutes", "5", "--steps", "3"], "--minutes 5 and --steps 3 both set")):  # fmt: skip
+        result = CliRunner().invoke(app, ["pretrain", str(digits[0]), *args, "-o", str(tmp_path / "run"), "-q"])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
