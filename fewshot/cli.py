@@ -177,6 +177,8 @@ def pretrain(
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
     flags |= {"pretrain.seed": seed, "pretrain.init": init, "pretrain.monitor": monitor}
     given = auto_recipe.given_keys(flags, set_ or ())
+    if {"pretrain.minutes", "pretrain.epochs"} <= given:
+        raise FewshotError(f"--minutes {minutes:g} and --epochs {epochs} both set the run's length; give one")
     auto = auto_recipe.wanted(recipe, given)
     cfg = _config(None if auto else recipe, set_, flags)
     if resume and not RunFolder(out).has_checkpoint():

@@ -143,6 +143,7 @@ def test_bad_budget_is_one_line_error_before_decoding(
 
     monkeypatch.setattr(train, "decode_images", no_decoding)
     for args, message in ((["--minutes", "0"], "--minutes must be a positive number"),
-                          (["--minutes", "5", "--steps", "3"], "--minutes 5 and --steps 3 both set")):  # fmt: skip
+                          (["--minutes", "5", "--steps", "3"], "--minutes 5 and --steps 3 both set"),
+                          (["--minutes", "5", "--epochs", "3"], "--minutes 5 and --epochs 3 both set")):  # fmt: skip
         result = CliRunner().invoke(app, ["pretrain", str(digits[0]), *args, "-o", str(tmp_path / "run"), "-q"])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
