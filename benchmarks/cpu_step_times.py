@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mae-28p4": ("mae-cpu-tiny.toml", ("img_size=28", "patch_size=4")),  # 49 tokens
     "mae-28p7": ("mae-cpu-tiny.toml", ("img_size=28", "patch_size=7")),  # 16 tokens
     "mae-16p4": ("mae-cpu-tiny.toml", ("img_size=16", "patch_size=4")),  # 16 tokens, the demo's
+    "mae-28p4-dec1": ("mae-cpu-tiny.toml", ("img_size=28", "patch_size=4", "mae.decoder_depth=1")),
+    "mae-28p4-d2": ("mae-cpu-tiny.toml", ("img_size=28", "patch_size=4", "depth=2")),
     "mae-32p4-d2": ("mae-cpu-tiny.toml", (*R32P4, "depth=2")),
     "mae-32p4-d8": ("mae-cpu-tiny.toml", (*R32P4, "depth=8")),
     "mae-32p4-small": ("mae-cpu-tiny.toml", (*R32P4, "model=vit_small_patch16_224")),  # 384-d
