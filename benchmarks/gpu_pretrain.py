@@ -64,14 +64,14 @@ def model_only(batch: int, steps: int, compile_: bool) -> tuple[float, float]:
 
     from fewshot.methods.base import RunPlan
     from fewshot.methods.dino import DINO
-    from fewshot.train import _clip_per_parameter, _optimizer
+    from fewshot.optimisation import build_optimizer, clip_per_parameter
 
     cfg = config(batch, steps, compile_)
     device = torch.device(str(SETUP["device"]))
     method = DINO(cfg, RunPlan(batch * 100, batch, 100, 100 * steps)).to(device)  # type: ignore[arg-type]
     if compile_:
         method.compile_blocks()
-    opt = _optimizer(method, cfg, device)  # type: ignore[arg-type]
+    opt = build_optimizer(method, cfg)  # type: ignore[arg-type]
     params = [p for g in opt.param_groups for p in g["params"]]
     side = int(SETUP["store"])  # type: ignore[call-overload]
     images = torch.randint(0, 255, (batch, 3, side, side), dtype=torch.uint8, device=device)
@@ -82,7 +82,7 @@ def model_only(batch: int, steps: int, compile_: bool) -> tuple[float, float]:
             loss = method(views, i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _clip_per_parameter(params, 3.0)
+        clip_per_parameter(params, 3.0)
         opt.step()
         method.after_step(i)
 

@@ -40,11 +40,11 @@ def ours(steps: int, compile_: bool = False) -> tuple[float, float, object]:
 
     from fewshot.methods.base import RunPlan
     from fewshot.methods.dino import DINO
-    from fewshot.train import _clip_per_parameter, _optimizer
+    from fewshot.optimisation import build_optimizer, clip_per_parameter
 
     cfg = _config(steps)
     method = DINO(cfg, RunPlan(BATCH * 100, BATCH, 100, 100 * steps))
-    opt = _optimizer(method, cfg, torch.device("cpu"))
+    opt = build_optimizer(method, cfg)
     for group in opt.param_groups:
         group["lr"] = 1e-4
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -55,7 +55,7 @@ def ours(steps: int, compile_: bool = False) -> tuple[float, float, object]:
         loss = method(batch, i)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _clip_per_parameter(params, cfg.optim.clip_grad)
+        clip_per_parameter(params, cfg.optim.clip_grad)
         method.before_optimizer_step(i)
         opt.step()
         method.after_step(i)

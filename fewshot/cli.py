@@ -179,6 +179,10 @@ def pretrain(
     steps: Annotated[
         int | None, typer.Option("--steps", help="Stop after N optimiser steps (overrides epochs).")
     ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option("--minutes", help="Time budget: the steps that fit, from a timed probe of the step (no --steps)."),
+    ] = None,
     batch_size: BatchSize = None,
     device: Device = None,
     seed: Annotated[
@@ -200,7 +204,12 @@ def pretrain(
             help="Labelled images: the backbone's k-NN accuracy at step 0 and every epoch; keeps best.safetensors.",
         ),
     ] = None,
-    recipe: Recipe = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", "-r", help="TOML recipe, or auto (the default without --model/--init): from device and data."
+        ),
+    ] = None,
     set_: Sets = None,
     quiet: Quiet = False,
 ) -> None:
@@ -210,7 +219,8 @@ def pretrain(
     dataset size and run length unless set (see README). The run folder is a backbone spec for extract, probe,
     evaluate and attention.
 
-    Example: `fewshot pretrain data/unlabeled --recipe recipes/dino-cpu-tiny.toml --out runs/dino`
+    Example: `fewshot pretrain data/unlabeled --minutes 20 --out runs/auto` (recipe auto: chosen from the device
+    and the data, printed and saved in config.json), or `--recipe recipes/dino-cpu-tiny.toml --out runs/dino`.
 
     From public weights: `fewshot pretrain data/unlabeled --init hf-hub:timm/vit_small_patch16_224.dino
     --recipe recipes/dino-adapt-vits16-gpu.toml --monitor data/train --out runs/adapted`, then
@@ -218,20 +228,32 @@ def pretrain(
 
     Several GPUs or nodes: `torchrun --nproc_per_node=8 -m fewshot pretrain ...` (--batch-size is the global batch).
     """
+    from fewshot import auto_recipe
     from fewshot.runs import RunFolder
     from fewshot.sources import open_source
     from fewshot.train import pretrain as run
 
-    names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "batch_size", "device")
-    values = (method, model, img_size, patch_size, depth, epochs, steps, batch_size, device)
+    names = ("method", "model", "img_size", "patch_size", "depth", "epochs", "steps", "minutes", "batch_size", "device")
+    values = (method, model, img_size, patch_size, depth, epochs, steps, minutes, batch_size, device)
     flags: dict[str, Any] = {f"pretrain.{k}": v for k, v in zip(names, values, strict=True)}
     flags |= {"pretrain.seed": seed, "pretrain.init": init, "pretrain.monitor": monitor}
-    cfg = _config(recipe, set_, flags)
+    given = auto_recipe.given_keys(flags, set_ or ())
+    if {"pretrain.minutes", "pretrain.epochs"} <= given:
+        raise FewshotError(f"--minutes {minutes:g} and --epochs {epochs} both set the run's length; give one")
+    auto = auto_recipe.wanted(recipe, given)
+    cfg = _config(None if auto else recipe, set_, flags)
     if resume and not RunFolder(out).has_checkpoint():
         raise FewshotError(f"--resume: '{out}' holds no checkpoint to continue; drop --resume to start a new run")
     images = open_source(data)
     _echo_skips(images.skipped)
-    run(images, cfg, out, progress=not quiet and _leader())
+    notes: dict[str, Any] = {}
+    if auto:  # the recipe from the device and the data; --set and flags still win
+        choice = auto_recipe.for_run(images, out, cfg.pretrain.device, given, cfg.pretrain.method)
+        cfg = _config(None, set_, flags, base=choice.base())
+        notes["auto_recipe"] = choice.record()
+        if _leader():
+            typer.echo(choice.line())
+    run(images, cfg, out, progress=not quiet and _leader(), notes=notes)
     if _leader():
         typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
 

@@ -192,6 +192,7 @@ class PretrainConfig:
     init: str | None = None  # start from these weights: any backbone spec (hf-hub:, run folder, file); None: random
     epochs: int = 100
     steps: int | None = None  # total optimiser steps; overrides epochs when set
+    minutes: float | None = None  # time budget: the steps that fit, from a timed probe of the step (fewshot.budget)
     batch_size: int = 64  # images per step, over all processes under torchrun (each gives 2 global + L local views)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N (torchrun: each process its LOCAL_RANK GPU)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (CUDA only)

@@ -15,6 +15,7 @@ with tensor ops on the training device, cropping inside each image's own box.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -24,12 +25,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fewshot import adapt, distributed
+from fewshot import adapt, budget, distributed
 from fewshot.config import from_dict, save_config, to_dict
 from fewshot.errors import FewshotError
 from fewshot.image_store import Batches, ImageStore, open_store
 from fewshot.methods import get_method
 from fewshot.methods.base import Method, RunPlan
+from fewshot.optimisation import build_optimizer, optimise
 from fewshot.pretrain_config import PretrainConfig
 from fewshot.progress import bar as progress_bar
 from fewshot.runs import RunFolder, load_run_checkpoint, restore_rng, save_backbone, save_run_checkpoint
@@ -44,19 +46,23 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test"
                      "data.memory_gb")  # fmt: skip
 
 
-def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[str, Any]:
+def pretrain(
+    images: Any, cfg: Any, out: Path, progress: bool = True, notes: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Pretrain a backbone on unlabelled ``images`` and write the run folder ``out``; resume it if it exists.
 
     ``images``: an object with ``__len__`` and ``load(i) -> PIL.Image`` (a :class:`fewshot.sources.ImageSet`),
     a sequence of objects with ``.load()``, a sequence of PIL images, or a ``(N, 3, H, W)`` uint8 tensor.
     ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section); values it leaves unset are
     resolved here, the same for the Python API and the CLI (:func:`fewshot.inits.resolve_pretrain`: the method's
-    optimiser, the init's architecture and normalisation). Returns a summary dict (``backbone`` path, ``steps``,
-    final logs, ``monitor``: start/best/end). Raises :class:`FewshotError` for bad input or a diverged run.
+    optimiser, the init's architecture and normalisation). ``notes``: facts saved in ``config.json`` beside the
+    config (e.g. what ``--recipe auto`` chose and why). Returns a summary dict (``backbone`` path, ``steps``, final
+    logs, ``monitor``: start/best/end). Raises :class:`FewshotError` for bad input or a diverged run.
     Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
     """
     from fewshot.inits import resolve_pretrain
 
+    started = budget.clock()  # a --minutes budget counts from here
     cfg, init = resolve_pretrain(getattr(cfg, "pretrain", cfg))
     device, autocast = _device(cfg)
     ranks = distributed.setup(device)
@@ -67,7 +73,7 @@ def pretrain(images: Any, cfg: Any, out: Path, progress: bool = True) -> dict[st
             if ranks.main:  # rank 0 alone creates, locks and writes the run folder
                 run.create()
                 held.enter_context(run.lock())  # one writer per run folder, for the whole run
-        return _pretrain(images, cfg, init, run, progress and ranks.main, device, autocast, ranks)
+        return _pretrain(images, cfg, init, run, progress and ranks.main, device, autocast, ranks, started, notes or {})
 
 
 def _pretrain(
@@ -79,6 +85,8 @@ def _pretrain(
     device: torch.device,
     autocast: bool,
     ranks: distributed.Dist,
+    started: float,
+    notes: dict[str, Any],
 ) -> dict[str, Any]:
     out = run.root
     assert cfg.img_size is not None  # resolved (fewshot.inits.resolve_pretrain), as every optim value
@@ -92,8 +100,10 @@ def _pretrain(
                 f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes; "
                 f"use a multiple of {ranks.world}"
             )
+        if cfg.minutes is not None:
+            budget.check_minutes(cfg.minutes, cfg.steps)
         # the method and its model (method name, architecture, sizes, --init) on the listed number of images; rebuilt
-        # below only if unreadable images change the plan
+        # below only if unreadable images or a --minutes budget change the plan
         plan = _plan(cfg, len(images))
         method: Method = _build(cfg, plan, init)
         # before training: a bad --monitor fails at once
@@ -103,15 +113,24 @@ def _pretrain(
         _report_store(store, cached)
     store = store.place(device, cfg.data.memory_gb)
     n = len(store)
+    built = plan
     if n != plan.n_images:
         plan = _plan(cfg, n)
+    plan_budget = None
+    if cfg.minutes is not None:  # --minutes: the length comes from a timed probe of this run's own step
+        per = plan.steps_per_epoch
+        plan_budget = budget.measure(cfg, run, resume, store, per, device, autocast, ranks, monitor, started, init)
+        plan = dataclasses.replace(plan, total_steps=plan_budget.total_steps)
+        if ranks.main and progress:
+            tqdm.write(plan_budget.line(), file=sys.stderr)
+    if plan != built:
         del method  # one model in memory at a time
         method = _build(cfg, plan, init)
     method.to(device)
     per_epoch, total = plan.steps_per_epoch, plan.total_steps
     warmup = _warmup_steps(cfg.optim, per_epoch, total)
     guard = adapt.resolve(cfg.adapt, init is not None, total, warmup)
-    opt = _optimizer(method, cfg, device, adapt.lr_scales(method, guard))
+    opt = build_optimizer(method, cfg, adapt.lr_scales(method, guard))
     lr = cosine(o.lr * cfg.batch_size / 256, o.min_lr, total, warmup)  # the global batch
     wd = cosine(o.weight_decay, o.weight_decay_end, total)
     resolved = {"lr_peak": float(lr.max()), "warmup_steps": int(warmup), **vars(guard), **method.resolved()}
@@ -139,6 +158,7 @@ def _pretrain(
             cfg, run.config, method=cfg.method, n_images=n, skipped=len(store.skipped), plan=vars(plan),
             resolved=resolved, processes=ranks.world, images=images_info,
             init=init.record() if init is not None else None,
+            **({"budget": dataclasses.asdict(plan_budget)} if plan_budget else {}), **notes,
         )  # fmt: skip
         if method.init_report:
             tqdm.write(f"init weights loaded with {method.init_report}", file=sys.stderr)
@@ -238,19 +258,10 @@ class _Loop:
                 group["lr"] = self.lr[step] * self.guard.lr_factor(group, step)
                 group["weight_decay"] = self.wd[step] if group["apply_wd"] else 0.0
             batch = method.augment(images, gen, rows, b, sizes)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(batch, step)
-            loss = out["loss"]
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad > 0:
-                _clip_per_parameter(self.params, cfg.optim.clip_grad)
-            method.before_optimizer_step(step)
-            self.opt.step()
-            method.after_step(step)
-            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step, bad)
-            for k, v in out.items():
-                acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()
+            out = optimise(self.model, method, self.opt, self.params, batch, step, cfg.optim.clip_grad, self.autocast)
+            bad = torch.where((bad < 0) & ~torch.isfinite(out["loss"].detach()), step, bad)
+            for k, value in out.items():
+                acc[k] = acc[k] + value.detach().float() if k in acc else value.detach().float()
             n_acc += 1
             bar.update(1)  # disabled on ranks other than 0
             done = step + 1
@@ -416,29 +427,6 @@ def _device(cfg: PretrainConfig) -> tuple[torch.device, bool]:
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _optimizer(
-    method: Method, cfg: PretrainConfig, device: torch.device, lr_scales: dict[str, float]
-) -> torch.optim.Optimizer:
-    groups = [g for g in method.param_groups(lr_scales) if g["params"]]
-    betas = tuple(cfg.optim.betas or ())  # resolved: two values (config_rules)
-    # lr and weight decay are set from the schedules before every step; the fused kernel is ~10× faster than
-    # foreach on CPU (and than the for-loop default, ~100×)
-    try:
-        return torch.optim.AdamW(groups, lr=0.0, betas=(betas[0], betas[1]), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=0.0, betas=(betas[0], betas[1]), foreach=True)
-
-
-def _clip_per_parameter(params: list[torch.nn.Parameter], max_norm: float) -> None:
-    """DINO's clip_gradients: scale each parameter's gradient to L2 norm ≤ ``max_norm``, without a host sync."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch.stack(torch._foreach_norm(grads))  # (P,)
-    scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
-    torch._foreach_mul_(grads, list(scales.unbind()))
 
 
 def _check_resumable(run: RunFolder, cfg: PretrainConfig) -> None:

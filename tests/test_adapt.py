@@ -139,7 +139,7 @@ def test_the_loop_sets_each_group_lr_from_the_schedule_scale_and_ramp(
     images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: list[torch.optim.Optimizer] = []
-    make = fewshot.train._optimizer
+    make = fewshot.train.build_optimizer
 
     def keep(*args: Any) -> torch.optim.Optimizer:
         made.append(make(*args))
@@ -153,7 +153,7 @@ def test_the_loop_sets_each_group_lr_from_the_schedule_scale_and_ramp(
         original(self, step)
         seen.append([(g["lr_scale"], g["backbone"], g["lr"]) for g in made[0].param_groups])
 
-    monkeypatch.setattr(fewshot.train, "_optimizer", keep)
+    monkeypatch.setattr(fewshot.train, "build_optimizer", keep)
     monkeypatch.setattr(cls, "after_step", record)
     guard = AdaptConfig(head_warmup_steps=1, backbone_warmup_steps=2)
     cfg = config("mae", init_file(tmp_path / "w.safetensors"), steps=4, adapt=guard)
