@@ -1,7 +1,7 @@
 """fewshot: self-supervised ViTs (DINO, MAE) for few-shot image classification in a specialised domain.
 
-The Python API mirrors the CLI: :func:`extract`, :func:`probe`, :func:`predict`, :func:`evaluate` and
-:func:`select_images` (``fewshot select``).
+The Python API mirrors the CLI: :func:`pretrain`, :func:`extract`, :func:`probe`, :func:`predict`,
+:func:`evaluate`, :func:`run_attention` (``fewshot attention``) and :func:`select_images` (``fewshot select``).
 They are imported lazily so that ``import fewshot`` (and ``fewshot --help``) stays fast.
 """
 
@@ -12,10 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
+    "pretrain": "fewshot.train",
     "extract": "fewshot.features",
     "probe": "fewshot.probing",
     "predict": "fewshot.probing",
     "evaluate": "fewshot.evaluation",
+    "run_attention": "fewshot.attention_outputs",
     "select_images": "fewshot.labelling",
 }
 

@@ -32,7 +32,14 @@ import numpy as np
 from fewshot.errors import FewshotError
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from fewshot.backbones import Backbone
+
+# a timm ViT: its blocks, patch_embed and attention modules are read by name (timm's vocabulary), which nn.Module's
+# type (attributes typed Tensor | Module) cannot express
+TimmViT = Any
 
 
 @dataclass
@@ -50,7 +57,7 @@ class AttentionMaps:
 # ---------------------------------------------------------------------------------------------- capturing
 
 
-def attention_block(model: Any, block: int | None = None) -> tuple[Any, int]:
+def attention_block(model: TimmViT, block: int | None = None) -> tuple[TimmViT, int]:
     """The attention module of ``block`` (None: the last; negative counts from the end) and its index."""
     import torch
 
@@ -73,12 +80,12 @@ def attention_block(model: Any, block: int | None = None) -> tuple[Any, int]:
 
 
 @contextmanager
-def capture_attention(model: Any, block: int | None = None) -> Iterator[list[Any]]:
+def capture_attention(model: TimmViT, block: int | None = None) -> Iterator[list[torch.Tensor]]:
     """Within the context each forward appends the class token's attention row (B, heads, N) of ``block``."""
     attn, _ = attention_block(model, block)
-    captured: list[Any] = []
+    captured: list[torch.Tensor] = []
 
-    def hook(module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         captured.append(inputs[0][:, :, 0, :].detach().float().cpu())  # (B, heads, N): softmax row of token 0
 
     previous = attn.fused_attn
@@ -91,7 +98,7 @@ def capture_attention(model: Any, block: int | None = None) -> Iterator[list[Any
         handle.remove()
 
 
-def class_attention(model: Any, x: Any, block: int | None = None) -> tuple[Any, Any]:
+def class_attention(model: TimmViT, x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) -> class-token attention to every token (B, heads, N) and the output tokens (B, N, D)."""
     import torch
 
@@ -142,7 +149,7 @@ def upsample(maps: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def input_size(model: Any, img_size: int | str | tuple[int, int] | None) -> tuple[int, int]:
+def input_size(model: TimmViT, img_size: int | str | tuple[int, int] | None) -> tuple[int, int]:
     """(H, W) the model runs at: ``img_size`` (int, 'S' or 'HxW', whole patches) or the model's own."""
     ph, pw = (int(p) for p in model.patch_embed.patch_size)
     if img_size is None:
@@ -164,7 +171,7 @@ def input_size(model: Any, img_size: int | str | tuple[int, int] | None) -> tupl
     return h, w
 
 
-def sized_model(model: Any, size: tuple[int, int]) -> Any:
+def sized_model(model: TimmViT, size: tuple[int, int]) -> TimmViT:
     """``model`` if it runs at ``size`` as it is, else a copy resized with timm's ``set_input_size``."""
     if getattr(model, "dynamic_img_size", False) or tuple(model.patch_embed.img_size) == size:
         return model
@@ -183,7 +190,7 @@ class ImageAttention:
     """One image's result: its name, the image as the model saw it, its maps and (for PCA) its patch tokens."""
 
     name: str
-    image: Any  # PIL image resized to the input size
+    image: Image.Image | None  # resized to the input size (None once written out)
     maps: AttentionMaps
     patch_tokens: np.ndarray  # (gh, gw, D)
 
@@ -192,18 +199,20 @@ class ImageAttention:
 class AttentionRunner:
     """A backbone prepared to read one block's class-token attention at one input size."""
 
-    model: Any  # the timm ViT, resized to ``size`` when needed, on its device
+    model: TimmViT  # resized to ``size`` when needed, on its device
     block: int
     size: tuple[int, int]  # (H, W), whole patches
     patch: tuple[int, int]
     grid: tuple[int, int]
     n_prefix: int
-    mean: Any  # (3, 1, 1) normalisation of the backbone's eval transform
-    std: Any
-    resample: Any  # PIL resampling filter of that transform
+    mean: torch.Tensor  # (3, 1, 1) normalisation of the backbone's eval transform
+    std: torch.Tensor  # (3, 1, 1)
+    resample: Image.Resampling  # PIL resampling filter of that transform
 
     @classmethod
-    def prepare(cls, backbone: Backbone, block: int | None, img_size: int | str | None, device: Any) -> AttentionRunner:
+    def prepare(
+        cls, backbone: Backbone, block: int | None, img_size: int | str | None, device: torch.device
+    ) -> AttentionRunner:
         """Check the backbone can give attention maps (one line otherwise) and size it for ``img_size``."""
         import torch
         from PIL import Image
@@ -227,7 +236,7 @@ class AttentionRunner:
         from fewshot.images import UnreadableImage
         from fewshot.progress import bar as progress_bar
 
-        pending: list[tuple[str, Any]] = []  # (record name, image at the input size)
+        pending: list[tuple[str, Image.Image]] = []  # (record name, image at the input size)
         with progress_bar(total=len(source), desc="attention", unit="img", disable=not progress, leave=False) as bar:
             for i, rec in enumerate(source.records):
                 try:
@@ -239,7 +248,7 @@ class AttentionRunner:
                     pending = []
                 bar.update(1)
 
-    def _batch(self, pending: list[tuple[str, Any]], threshold: float) -> Iterator[ImageAttention]:
+    def _batch(self, pending: list[tuple[str, Image.Image]], threshold: float) -> Iterator[ImageAttention]:
         import torch
 
         device = next(self.model.parameters()).device
@@ -249,7 +258,7 @@ class AttentionRunner:
         for (name, img), row, own in zip(pending, attn.numpy(), patches, strict=True):
             yield ImageAttention(name, img, attention_maps(row, self.n_prefix, self.grid, threshold), own)
 
-    def _tensor(self, img: Any) -> Any:
+    def _tensor(self, img: Image.Image) -> torch.Tensor:
         import torch
 
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]

@@ -96,7 +96,7 @@ def run_attention(
     """
     from fewshot.backbones import load_backbone
     from fewshot.config import Config, save_config
-    from fewshot.features import pick_device
+    from fewshot.devices import pick_device
     from fewshot.mask_quality import jaccard_report, mask_index
     from fewshot.outputs import check_folder, folder_lock
     from fewshot.sources import open_source
@@ -143,6 +143,7 @@ class _Writer:
         from fewshot import attention_plots as plots
 
         stem = _slug(item.name, self.taken)
+        assert item.image is not None  # dropped below, once drawn
         plots.attention_grid(item.image, item.maps).save(self.out / "grids" / f"{stem}.png")
         self.cells.append(plots.Cell(item.name, plots.thumbnail(item.image), item.maps.mean, item.maps.mean_mask,
                                      item.name))  # fmt: skip

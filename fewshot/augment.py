@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewshot.pretrain_config import IMAGENET_MEAN, IMAGENET_STD, DinoConfig
+
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, exactly as torchvision's rgb_to_grayscale
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of torchvision's RandomResizedCrop
 
@@ -204,21 +206,22 @@ class MultiCrop:
         self,
         global_size: int = 224,
         local_size: int = 96,
-        n_local: int = 8,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_scale: Sequence[float] = (0.05, 0.4),
-        flip_prob: float = 0.5,
-        jitter_prob: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-        grayscale_prob: float = 0.2,
-        blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        solarize_prob: float = 0.2,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        n_local: int = DinoConfig.local_crops,
+        *,
+        global_scale: Sequence[float] = DinoConfig.global_crop_scale,
+        local_scale: Sequence[float] = DinoConfig.local_crop_scale,
+        flip_prob: float = DinoConfig.flip_prob,
+        jitter_prob: float = DinoConfig.jitter_prob,
+        brightness: float = DinoConfig.brightness,
+        contrast: float = DinoConfig.contrast,
+        saturation: float = DinoConfig.saturation,
+        hue: float = DinoConfig.hue,
+        grayscale_prob: float = DinoConfig.grayscale_prob,
+        blur_probs: Sequence[float] = DinoConfig.blur_probs,
+        blur_sigma: Sequence[float] = DinoConfig.blur_sigma,
+        solarize_prob: float = DinoConfig.solarize_prob,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         for name, rng in (("global", global_scale), ("local", local_scale)):
             if len(rng) != 2 or not 0 < rng[0] <= rng[1] <= 1:

@@ -106,7 +106,7 @@ def for_run(images: Any, out: Path, device: str, given: set[str], method: str) -
 
 def describe_device(device: str) -> DeviceInfo:
     """The device ``--device`` resolves to (``auto``: CUDA when available)."""
-    from fewshot.features import pick_device
+    from fewshot.devices import pick_device
 
     picked = pick_device(device)
     if picked.type == "cuda":

@@ -190,10 +190,8 @@ def load_backbone(spec: str) -> Backbone:
     if parsed.kind == "pixels":
         return _pixels(spec, parsed.size)  # pixels have no tokens to pool
     if parsed.kind == "init":
-        from fewshot.inits import load_run_init
-
         assert parsed.path is not None
-        return load_run_init(parsed.path, spec, parsed.pool)
+        return _run_init(parsed.path, spec, parsed.pool)
     import timm
     import torch
 
@@ -234,6 +232,31 @@ def load_backbone(spec: str) -> Backbone:
     model.eval()
     transform, desc = _timm_transform(model, data_cfg)
     return Backbone(spec, model, transform, desc, sha, parsed.name, dict(parsed.kwargs), report, parsed.pool, note)
+
+
+def recorded_init(folder: Path) -> dict[str, Any] | None:
+    """The init a run folder recorded in its config.json (``spec``, ``sha256``, ...), or None."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("init")
+    except (OSError, ValueError):
+        return None
+
+
+def _run_init(folder: Path, spec: str, pool: str | None) -> Backbone:
+    """The backbone ``RUN:init`` names: the weights ``RUN`` started from, refused if they changed since."""
+    init = recorded_init(folder)
+    if not init:
+        raise FewshotError(f"backbone '{spec}': run folder {folder} did not start from --init weights")
+    bb = load_backbone(init["spec"])
+    if bb.weights_sha256 != init["sha256"]:
+        raise FewshotError(
+            f"backbone '{spec}': the weights {init['spec']} changed since the run started from them (sha256 "
+            f"{bb.weights_sha256[:16]}…, recorded {init['sha256'][:16]}…); pass the original weights' spec"
+        )
+    return dataclasses.replace(bb, spec=spec, pool=pool or bb.pool)
 
 
 def _unfinished(path: Path, meta: dict[str, str]) -> str:

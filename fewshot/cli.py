@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -78,7 +79,7 @@ def command(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _show_library_warnings()
+        _show_library_log()
         in_step = False  # whether every torchrun rank ends here together (success, or an error all of them raised)
         try:
             _check_processes(fn.__name__)
@@ -100,18 +101,27 @@ def command(fn: F) -> F:
     return fn
 
 
-class _WarningLine(logging.Handler):
-    """Library warnings (the ``fewshot`` logger) as one yellow ``warning:`` line each on stderr, rank 0 only."""
+class _LogLine(logging.Handler):
+    """The library's log (the ``fewshot`` logger) on stderr, rank 0 only: a warning as one yellow ``warning:`` line,
+    news (the image cache used, a budget's plan, k-NN at each epoch) as a plain line; written around any progress
+    bar, so the bar stays whole."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _leader():
-            typer.secho(f"warning: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+        if not _leader():
+            return
+        from tqdm import tqdm
+
+        warning = record.levelno >= logging.WARNING
+        text = f"warning: {record.getMessage()}" if warning else record.getMessage()
+        with tqdm.external_write_mode(file=sys.stderr):
+            typer.secho(text, err=True, fg=typer.colors.YELLOW if warning else None)
 
 
-def _show_library_warnings() -> None:
+def _show_library_log() -> None:
     logger = logging.getLogger("fewshot")
-    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
-        logger.addHandler(_WarningLine(logging.WARNING))
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _LogLine) for h in logger.handlers):
+        logger.addHandler(_LogLine(logging.INFO))
 
 
 def _config(recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], base: Any = None) -> Any:

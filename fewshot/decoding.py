@@ -16,9 +16,9 @@ fraction of a second. Unreadable files are skipped and listed, with the same rea
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64  # images per task handed to a worker; sets of at most one chunk per worker are decoded in-process
 
@@ -146,7 +148,7 @@ def decode_to_file(
         try:
             results = _in_workers(images, chunks, path, side, draft, workers, on_progress)
         except BrokenProcessPool as exc:
-            print(f"warning: decoding worker processes failed ({exc}); decoding in this process", file=sys.stderr)
+            log.warning(f"decoding worker processes failed ({exc}); decoding in this process")
             workers = 1
     if workers == 1:
         writer = SlotWriter(images, path, side, draft)

@@ -79,6 +79,7 @@ def extract_features(
     that spec names); cached unless ``cfg.cache`` is off."""
     from fewshot import distributed
     from fewshot.backbones import load_backbone
+    from fewshot.devices import pick_device
     from fewshot.sources import open_source
 
     ranks = distributed.setup(pick_device(cfg.device))  # under torchrun the images are shared out among ranks
@@ -126,6 +127,7 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ran
     import torch
     from torch.utils.data import DataLoader
 
+    from fewshot.devices import pick_device
     from fewshot.progress import bar as progress_bar
 
     device = ranks.device(pick_device(cfg.device))
@@ -239,19 +241,6 @@ def embed(model: Any, x: Any, pool: str) -> Any:
     cls = tokens[:, 0]  # (B, D)
     avg = tokens[:, n_prefix:].mean(dim=1)  # (B, D), prefix (class/register) tokens excluded
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], dim=1)}[pool]
-
-
-def pick_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FewshotError(f"device '{name}' asked for but CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FewshotError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
 
 
 # ---------------------------------------------------------------------------------------------- files & cache

@@ -28,10 +28,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +45,8 @@ from fewshot import distributed
 from fewshot.decoding import decode_to_file
 from fewshot.errors import FewshotError
 from fewshot.progress import bar
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
 SPARE_BYTES = 1 << 30  # left free on the cache's disk after an entry is allocated
@@ -152,8 +154,7 @@ def _build_lock(entry: Entry, main: bool) -> Iterator[Any]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            print(f"waiting for another run (pid {holder}) that is building the image cache {entry.pixels}",
-                  file=sys.stderr)  # fmt: skip
+            log.info(f"waiting for another run (pid {holder}) that is building the image cache {entry.pixels}")
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fewshot.errors import FewshotError
@@ -119,33 +118,6 @@ def eval_transform(data: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- RUN:init
-
-
-def recorded_init(folder: Path) -> dict[str, Any] | None:
-    """The init a run folder recorded in its config.json (``spec``, ``sha256``, ...), or None."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("init")
-    except (OSError, ValueError):
-        return None
-
-
-def load_run_init(folder: Path, spec: str, pool: str | None) -> Any:
-    """The backbone ``RUN:init`` names: the weights ``RUN`` started from, refused if they changed since."""
-    from fewshot.backbones import load_backbone
-
-    init = recorded_init(folder)
-    if not init:
-        raise FewshotError(f"backbone '{spec}': run folder {folder} did not start from --init weights")
-    bb = load_backbone(init["spec"])
-    if bb.weights_sha256 != init["sha256"]:
-        raise FewshotError(
-            f"backbone '{spec}': the weights {init['spec']} changed since the run started from them (sha256 "
-            f"{bb.weights_sha256[:16]}…, recorded {init['sha256'][:16]}…); pass the original weights' spec"
-        )
-    return dataclasses.replace(bb, spec=spec, pool=pool or bb.pool)
 
 
 def started_from(spec: str) -> str | None:

@@ -39,21 +39,7 @@ def knn_vote(
     n = features.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k={k} must be between 1 and N-1={n - 1} for a leave-one-out vote")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    feats = torch.nn.functional.normalize(features.float(), dim=1)  # (N, D), unit rows: dot product = cosine
-    labels = labels.to(feats.device, torch.long)  # (N,)
-    preds = torch.empty(n, dtype=torch.long, device=feats.device)  # (N,)
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=feats.device)  # (C,)
-        sim = feats[rows] @ feats.T  # (C, N)
-        own = torch.arange(len(rows), device=feats.device)  # (C,): row j of the chunk is image rows[j]
-        sim[own, rows] = -float("inf")  # leave one out: an image is not its own neighbour
-        top_sim, top_idx = sim.topk(k, dim=1)  # (C, k), (C, k)
-        weights = ((top_sim - 1) / temperature).exp()  # (C, k): exp(sim/T) / exp(1/T), same vote, no overflow
-        votes = torch.zeros(len(rows), num_classes, device=feats.device)  # (C, K)
-        votes.scatter_add_(1, labels[top_idx], weights)  # (C, K): summed weight per class
-        preds[rows] = votes.argmax(dim=1)  # (C,)
-    return preds
+    return _vote(features, labels, features, k, temperature, num_classes, chunk, leave_one_out=True)
 
 
 def knn_predict(
@@ -67,17 +53,36 @@ def knn_predict(
 ) -> torch.Tensor:
     """DINO's weighted vote for ``queries`` (Q, D) among ``support`` (N, D) with ``labels`` (N,): the ``k`` most
     cosine-similar support rows vote ``exp(sim / temperature)`` for their label. Returns (Q,) int64."""
-    k = min(k, support.shape[0])
+    return _vote(support, labels, queries, min(k, support.shape[0]), temperature, num_classes, chunk)
+
+
+def _vote(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int | None,
+    chunk: int,
+    leave_one_out: bool = False,
+) -> torch.Tensor:
+    """The vote of :func:`knn_predict`; with ``leave_one_out`` the queries are the support itself, row for row,
+    and a row is never its own neighbour."""
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    sup = torch.nn.functional.normalize(support.float(), dim=1)  # (N, D)
-    qry = torch.nn.functional.normalize(queries.float(), dim=1)  # (Q, D)
-    labels = labels.to(sup.device, torch.long)
+    sup = torch.nn.functional.normalize(support.float(), dim=1)  # (N, D), unit rows: dot product = cosine
+    qry = sup if leave_one_out else torch.nn.functional.normalize(queries.float(), dim=1)  # (Q, D)
+    labels = labels.to(sup.device, torch.long)  # (N,)
     preds = torch.empty(qry.shape[0], dtype=torch.long, device=sup.device)  # (Q,)
     for start in range(0, qry.shape[0], chunk):
-        top_sim, top_idx = (qry[start : start + chunk] @ sup.T).topk(k, dim=1)  # (C, k), (C, k)
-        votes = torch.zeros(top_sim.shape[0], num_classes, device=sup.device)  # (C, K)
-        votes.scatter_add_(1, labels[top_idx], ((top_sim - 1) / temperature).exp())
-        preds[start : start + chunk] = votes.argmax(dim=1)
+        rows = torch.arange(start, min(start + chunk, qry.shape[0]), device=sup.device)  # (C,)
+        sim = qry[rows] @ sup.T  # (C, N)
+        if leave_one_out:
+            sim[torch.arange(len(rows), device=sup.device), rows] = -float("inf")  # not its own neighbour
+        top_sim, top_idx = sim.topk(k, dim=1)  # (C, k), (C, k)
+        weights = ((top_sim - 1) / temperature).exp()  # (C, k): exp(sim/T) / exp(1/T), same vote, no overflow
+        votes = torch.zeros(len(rows), num_classes, device=sup.device)  # (C, K)
+        votes.scatter_add_(1, labels[top_idx], weights)  # (C, K): summed weight per class
+        preds[rows] = votes.argmax(dim=1)  # (C,)
     return preds
 
 

@@ -28,13 +28,16 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fewshot.errors import FewshotError
 from fewshot.outputs import check_folder, folder_lock, save_tensors, write_atomically
+
+if TYPE_CHECKING:
+    from fewshot.pretrain_config import PretrainConfig
 
 CHECKPOINT_FORMAT = "fewshot-checkpoint/1"
 KEEP_CHECKPOINTS = 2  # checkpoint-STEP files kept (PretrainConfig has no field for it)
@@ -235,3 +238,25 @@ def save_backbone(
     }
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     _save_tensors(path, dict(backbone.state_dict()), meta)
+
+
+def load_run_config(out: Path) -> PretrainConfig:
+    """The PretrainConfig a run folder was started with (for ``fewshot pretrain --resume RUN``)."""
+    from fewshot.config import from_dict
+    from fewshot.pretrain_config import PretrainConfig
+
+    path = RunFolder(Path(out)).config
+    if not path.is_file():
+        raise FewshotError(f"{out} is not a pretraining run folder (no config.json); pass the --out of a run")
+    return from_dict(PretrainConfig, json.loads(path.read_text(encoding="utf-8"))["config"])
+
+
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"a.b": value}`` (tuples as lists, as in config.json)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out

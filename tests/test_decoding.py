@@ -108,7 +108,7 @@ def test_decode_squares_gives_centre_squares_and_lists_unreadable_images() -> No
 
 
 def test_workers_that_cannot_start_fall_back_to_this_process_with_a_warning(folder: Path, tmp_path: Path, monkeypatch,
-                                                                            capsys) -> None:  # fmt: skip
+                                                                            caplog) -> None:  # fmt: skip
     from concurrent.futures.process import BrokenProcessPool
 
     import fewshot.decoding as decoding
@@ -120,4 +120,4 @@ def test_workers_that_cannot_start_fall_back_to_this_process_with_a_warning(fold
     monkeypatch.setattr(decoding, "_in_workers", broken)
     fallback, sizes2, _ = _decode(folder, tmp_path / "two.u8", 2)
     assert fallback == one and np.array_equal(sizes1, sizes2)
-    assert "decoding in this process" in capsys.readouterr().err
+    assert any("decoding in this process" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)

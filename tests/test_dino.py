@@ -66,7 +66,8 @@ def test_head_is_weight_normalised_with_a_fixed_gain() -> None:
     assert not gain.requires_grad and torch.all(gain == 1)
     assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(100), atol=1e-5)  # unit prototypes
     assert out.abs().max() <= 1 + 1e-5  # cosine similarities
-    assert DINOHead(24, 100, 32, 8, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+    free = DINOHead(24, 100, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    assert free.last_layer.parametrizations.weight.original0.requires_grad
 
 
 def _dino(freeze: int = 2, total: int = 6) -> DINO:

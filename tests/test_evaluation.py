@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -35,53 +33,24 @@ def noise_like(f: Features, seed: int = 1) -> Features:
     return dataclasses.replace(f, features=rng.normal(size=f.features.shape).astype(np.float32))
 
 
-def stand_in_heads(record: list | None = None) -> types.ModuleType:
-    """A tiny fewshot.heads replacement (same registry interface); optionally records every fit."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
+def record_fits(monkeypatch: pytest.MonkeyPatch, record: list) -> None:
+    """The real heads, each fit also recorded (head, seed, column 0 of its rows, labels)."""
+    import fewshot.heads
 
-    class Head:
-        def __init__(self, name, cfg, random_state):
-            self.name, self.cfg, self.random_state = name, cfg, random_state
+    real = fewshot.heads.make_head
 
-        def fit(self, x, y):
-            if record is not None:
-                record.append({"head": self.name, "seed": self.random_state, "x0": x[:, 0].copy(), "y": y.copy()})
-            if self.name == "knn":
-                self.model_ = KNeighborsClassifier(n_neighbors=min(self.cfg.knn.k, len(y)), weights="distance")
-            elif self.name == "logreg":
-                self.model_ = LogisticRegression(C=10.0, max_iter=500, random_state=self.random_state)
-            else:  # prototype: nearest class mean
-                self.model_ = None
-                self.means_ = np.stack([x[y == c].mean(axis=0) for c in range(int(y.max()) + 1)])
-            if self.model_ is not None:
-                self.model_.fit(x, y)
-            return self
+    def make_head(name, cfg, random_state=None):
+        head = real(name, cfg, random_state=random_state)
+        fit = head.fit
 
-        def predict(self, x):
-            if self.model_ is None:
-                return ((x[:, None, :] - self.means_[None]) ** 2).sum(-1).argmin(axis=1)
-            return self.model_.predict(x)
+        def recorded(x, y):
+            record.append({"head": name, "seed": random_state, "x0": x[:, 0].copy(), "y": y.copy()})
+            return fit(x, y)
 
-    def check_head_name(name):
-        if name not in module.HEADS:
-            raise FewshotError(f"unknown head '{name}'")
-        return name
+        head.fit = recorded
+        return head
 
-    module = types.ModuleType("fewshot.heads")
-    module.HEADS = {"knn": Head, "logreg": Head, "prototype": Head}
-    module.make_head = lambda name, cfg, random_state=None: Head(name, cfg, random_state)
-    module.check_head_name = check_head_name
-    return module
-
-
-@pytest.fixture
-def heads(monkeypatch):
-    """The real heads when they exist, else the stand-in."""
-    try:
-        from fewshot.heads import HEADS, make_head  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "fewshot.heads", stand_in_heads())
+    monkeypatch.setattr(fewshot.heads, "make_head", make_head)
 
 
 def config(**evaluate) -> Config:
@@ -92,7 +61,7 @@ def config(**evaluate) -> Config:
 
 def test_supports_are_balanced_and_shared_across_backbones_and_heads(monkeypatch):
     record: list = []
-    monkeypatch.setitem(sys.modules, "fewshot.heads", stand_in_heads(record))
+    record_fits(monkeypatch, record)
     train, test = blobs(10), blobs(4, seed=9)
     # column 0 holds the TRAIN row index in both backbones, so a fit reveals which rows formed its support
     ids = np.arange(len(train.labels), dtype=np.float32)
@@ -117,7 +86,7 @@ def test_supports_are_balanced_and_shared_across_backbones_and_heads(monkeypatch
         assert len(set(drawn)) == 3  # different seeds draw different supports
 
 
-def test_episode_rows_carry_t_intervals_of_their_per_seed_values(heads):
+def test_episode_rows_carry_t_intervals_of_their_per_seed_values():
     train, test = blobs(6, spread=2.0), blobs(6, spread=2.0, seed=5)
     rows = run_episodes({"x": (train, test)}, config(shots=(2,), seeds=5, heads=("prototype",)), progress=False)
     row = next(r for r in rows if r["shots"] == 2)
@@ -130,7 +99,7 @@ def test_episode_rows_carry_t_intervals_of_their_per_seed_values(heads):
     assert [(r["backbone"], r["head"], r["seeds"], r["accuracy_ci95"]) for r in full] == [("x", "knn", 1, 0.0)]
 
 
-def test_same_seed_gives_identical_numbers(heads):
+def test_same_seed_gives_identical_numbers():
     feats = {"blobs": (blobs(10, spread=2.0), blobs(5, spread=2.0, seed=3))}
     cfg = config(shots=(1, 5), seeds=2)
     first = run_episodes(feats, cfg, progress=False)
@@ -139,7 +108,7 @@ def test_same_seed_gives_identical_numbers(heads):
     assert [r["per_seed"] for r in other] != [r["per_seed"] for r in first]
 
 
-def test_separable_backbone_beats_noise_backbone(heads):
+def test_separable_backbone_beats_noise_backbone():
     train, test = blobs(12), blobs(8, seed=4)
     feats = {"separable": (train, test), "noise": (noise_like(train), noise_like(test, seed=2))}
     rows = run_episodes(feats, config(shots=(1, 5), seeds=2), progress=False)
@@ -164,12 +133,12 @@ def test_align_classes_maps_by_name_and_rejects_unknown_or_unlabeled():
         align_classes(train, unlabeled)
 
 
-def test_unknown_head_fails_before_any_work(heads):
+def test_unknown_head_fails_before_any_work():
     with pytest.raises(FewshotError, match="unknown head"):
         run_episodes({"x": (blobs(3), blobs(2))}, config(heads=("nope",)), progress=False)
 
 
-def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(heads, monkeypatch, tmp_path):
+def test_evaluate_extracts_once_per_backbone_and_writes_artifacts(monkeypatch, tmp_path):
     import fewshot.features
     import fewshot.leakage
 
@@ -227,7 +196,7 @@ def test_pool_heads_get_train_outside_the_support_and_the_extra_pool():
     assert {r["head"]: r["pool_size"] for r in rows} == {"spread": 12, "logreg+center": 12, "knn": 0}
 
 
-def test_report_leads_with_paired_differences_against_pixels(heads, monkeypatch, tmp_path):
+def test_report_leads_with_paired_differences_against_pixels(monkeypatch, tmp_path):
     import fewshot.features
     import fewshot.leakage
 

@@ -109,19 +109,19 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(
 def test_a_kill_right_after_the_final_checkpoint_leaves_the_final_backbone(
     images: torch.Tensor, finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fewshot.train
+    import fewshot.loop
 
-    original = fewshot.train.save_run_checkpoint
+    original = fewshot.loop.save_run_checkpoint
 
     def die_after_the_last(run: Any, model: Any, opt: Any, state: dict) -> None:
         original(run, model, opt, state)
         if state["step"] == state["total_steps"]:
             raise KeyboardInterrupt  # as if killed before anything after the final checkpoint ran
 
-    monkeypatch.setattr(fewshot.train, "save_run_checkpoint", die_after_the_last)
+    monkeypatch.setattr(fewshot.loop, "save_run_checkpoint", die_after_the_last)
     with pytest.raises(KeyboardInterrupt):
         pretrain(images, CFG, tmp_path, progress=False)
-    monkeypatch.setattr(fewshot.train, "save_run_checkpoint", original)
+    monkeypatch.setattr(fewshot.loop, "save_run_checkpoint", original)
     pretrain(images, CFG, tmp_path, progress=False)  # already finished: nothing to redo
     resumed = load_file(str(tmp_path / "backbone.safetensors"))
     straight = load_file(str(finished / "backbone.safetensors"))
@@ -260,3 +260,34 @@ def test_every_setting_error_comes_before_any_image_is_read(
         result = CliRunner().invoke(app, base + [a for a in args if a != "--locked"])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error:") and message in result.output
+
+
+def test_the_python_api_pretrains_a_folder_named_by_its_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    import fewshot
+
+    data = tmp_path / "unlabeled"
+    data.mkdir()
+    pixels = torch.randint(0, 256, (8, 40, 48, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    for i, image in enumerate(pixels.numpy()):
+        Image.fromarray(image).save(data / f"{i}.png")
+    summary = fewshot.pretrain(str(data), dataclasses.replace(CFG, epochs=1), tmp_path / "run", progress=False)
+    assert summary["steps"] == 2 and Path(summary["backbone"]).is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n_images"] == 8
+
+
+def test_an_epoch_warning_is_shown_once_and_again_at_the_end_but_logged_every_epoch(
+    images: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fewshot.pretrain_config import MaeConfig
+
+    cfg = dataclasses.replace(
+        CFG, method="mae", epochs=4, mae=MaeConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    )
+    with caplog.at_level("WARNING", logger="fewshot"):
+        pretrain(images, cfg, tmp_path / "run", progress=False)  # noise: MAE cannot beat each patch's mean
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [w for x in lines if x["kind"] == "epoch" for w in x["warnings"] if "reconstructs little" in w]
+    shown = [r for r in caplog.records if "reconstructs little" in r.getMessage()]
+    assert len(logged) == 4 and len(shown) == 2  # the first epoch, and the last

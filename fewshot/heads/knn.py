@@ -26,7 +26,17 @@ def dino_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
 
 
 class KNNHead(Head):
-    """DINO's weighted k-NN; ``k`` is capped at the support size (``n_neighbors_``)."""
+    """DINO's weighted k-NN on cosine similarity.
+
+    Parameters
+    ----------
+    k : neighbours that vote, capped at the support size.
+    temperature : T of the vote weight ``exp(sim / T)``.
+
+    Attributes
+    ----------
+    n_neighbors_ : the k used; ``support_`` (N, D), ``support_labels_`` (N,): the support, which is k-NN's state.
+    """
 
     name: ClassVar[str] = "knn"
 

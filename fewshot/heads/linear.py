@@ -57,7 +57,17 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
 
 
 class LinearHead(Head):
-    """BatchNorm + linear layer trained with SGD (momentum, weight decay, warm-up + cosine lr), seeded."""
+    """BatchNorm (no affine) + linear layer trained with SGD, as MAE's linear probe; seeded.
+
+    Parameters
+    ----------
+    epochs, lr, batch_size, momentum, weight_decay : SGD over the support (warm-up then cosine learning rate).
+    random_state : seed of the initialisation and the batch order.
+
+    Attributes
+    ----------
+    module_ : the trained torch module (eval mode); ``final_loss_``: the last step's loss.
+    """
 
     name: ClassVar[str] = "linear"
 

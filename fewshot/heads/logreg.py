@@ -33,7 +33,19 @@ BLAS_THREADS = 1
 
 
 class LogRegHead(Head):
-    """Logistic regression on L2-normalised features; ``C_`` is the C used for the final fit."""
+    """Logistic regression on L2-normalised features.
+
+    Parameters
+    ----------
+    c_grid : inverse regularisation strengths tried by stratified cross-validation inside the support (≥2 shots).
+    one_shot_c : C with one image per class, where there is nothing to cross-validate.
+    cv_folds : folds of that cross-validation (fewer when a class has fewer images).
+    max_iter : L-BFGS iterations.
+
+    Attributes
+    ----------
+    C_ : the C of the final fit; ``model_``: sklearn's Normalizer + LogisticRegression pipeline.
+    """
 
     name: ClassVar[str] = "logreg"
 

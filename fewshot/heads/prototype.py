@@ -24,7 +24,16 @@ from fewshot.heads.io import Head
 
 
 class PrototypeHead(Head):
-    """Cosine nearest class mean; ``centroids_`` are the unit-length class means, one row per ``classes_``."""
+    """Cosine nearest class mean (Snell et al. 2017).
+
+    Parameters
+    ----------
+    temperature : softmax temperature over the cosine similarities; changes the scores, never the label.
+
+    Attributes
+    ----------
+    centroids_ : (C, D) unit-length class means, one row per ``classes_``.
+    """
 
     name: ClassVar[str] = "prototype"
 

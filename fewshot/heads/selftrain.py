@@ -24,7 +24,18 @@ from fewshot.heads.logreg import LogRegHead
 
 
 class SelfTrainHead(Head):
-    """``logreg`` self-trained on the pool; ``C_`` from the support, ``pseudo_labelled_`` pool images adopted."""
+    """``logreg`` self-trained on the pool (sklearn's SelfTrainingClassifier).
+
+    Parameters
+    ----------
+    criterion : ``threshold`` (adopt pool images above ``threshold`` confidence) or ``k_best`` per round.
+    threshold, k_best, max_iter : of that criterion; ``max_iter`` rounds.
+    c_grid, one_shot_c, cv_folds : how C is chosen on the support, as ``logreg``.
+
+    Attributes
+    ----------
+    C_ : the C chosen on the support; ``logreg_``: the final head; ``pseudo_labelled_``: pool images adopted.
+    """
 
     name: ClassVar[str] = "selftrain"
     uses_pool: ClassVar[bool] = True

@@ -30,7 +30,19 @@ from fewshot.heads.io import Head, check_pool_labels
 
 
 class SpreadHead(Head):
-    """Label spreading over support + pool + scored images; ``pool_`` (N, D) and ``pool_labels_`` (-1: unlabeled)."""
+    """Label spreading (Zhou et al. 2004) over support + pool + scored images: transductive.
+
+    Parameters
+    ----------
+    k : neighbours per image in the k-NN graph.
+    alpha : weight of the neighbours against an image's own label.
+    max_iter, tol : of sklearn's LabelSpreading.
+
+    Attributes
+    ----------
+    pool_ : (N, D) support and pool rows; ``pool_labels_`` (N,): their labels, -1 for the pool. ``predict`` spreads
+    again over them and the new images.
+    """
 
     name: ClassVar[str] = "spread"
     uses_pool: ClassVar[bool] = True

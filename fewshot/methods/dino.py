@@ -20,6 +20,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from fewshot import distributed
 from fewshot.augment import MultiCrop
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init, patch_size_of, prepare
+from fewshot.pretrain_config import DinoConfig
 from fewshot.schedules import capped_steps, cosine, linear_warmup
 
 
@@ -27,7 +28,13 @@ class DINOHead(nn.Module):
     """Linear-GELU-Linear-GELU-Linear to ``bottleneck_dim``, L2 normalisation, weight-normalised linear layer."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        hidden_dim: int = DinoConfig.hidden_dim,
+        bottleneck_dim: int = DinoConfig.bottleneck_dim,
+        norm_last_layer: bool = DinoConfig.norm_last_layer,
     ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
@@ -159,9 +166,9 @@ class DINO(Method):
         self.init_report = load_init(student_backbone, init) if init is not None else ""
         self.architecture = cfg.model
         dim = int(getattr(student_backbone, "num_features"))  # noqa: B009 (timm attribute)
-        head_args = (dim, r["out_dim"], d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
-        self.student = Encoder(student_backbone, DINOHead(*head_args))
-        self.teacher = Encoder(teacher_backbone, DINOHead(*head_args))
+        head = {"hidden_dim": d.hidden_dim, "bottleneck_dim": d.bottleneck_dim, "norm_last_layer": d.norm_last_layer}
+        self.student = Encoder(student_backbone, DINOHead(dim, r["out_dim"], **head))
+        self.teacher = Encoder(teacher_backbone, DINOHead(dim, r["out_dim"], **head))
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.loss_fn = DINOLoss(r["out_dim"], d.student_temp, d.center_momentum)
@@ -174,9 +181,10 @@ class DINO(Method):
         local = d.local_crop_size or max(patch, round(cfg.img_size * 96 / 224 / patch) * patch)
         self._resolved["local_crop_size"] = local
         self.multicrop = MultiCrop(
-            cfg.img_size, local, d.local_crops, d.global_crop_scale, d.local_crop_scale, d.flip_prob, d.jitter_prob,
-            d.brightness, d.contrast, d.saturation, d.hue, d.grayscale_prob, d.blur_probs, d.blur_sigma,
-            d.solarize_prob, cfg.mean, cfg.std,
+            cfg.img_size, local, d.local_crops, global_scale=d.global_crop_scale, local_scale=d.local_crop_scale,
+            flip_prob=d.flip_prob, jitter_prob=d.jitter_prob, brightness=d.brightness, contrast=d.contrast,
+            saturation=d.saturation, hue=d.hue, grayscale_prob=d.grayscale_prob, blur_probs=d.blur_probs,
+            blur_sigma=d.blur_sigma, solarize_prob=d.solarize_prob, mean=cfg.mean, std=cfg.std,
         )  # fmt: skip
 
     @classmethod
