@@ -39,7 +39,7 @@ def synthetic_features():
 def time_episodes() -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per head (40 episodes each: 4 shot levels x 10 seeds) and for the full-label k-NN; 10-shot accuracy."""
     from fewshot.config import Config, EvaluateConfig
-    from fewshot.evaluation import run_episodes
+    from fewshot.episodes import run_episodes
 
     train, test = synthetic_features()
     seconds, accuracy = {}, {}

@@ -30,7 +30,7 @@ import numpy as np
 
 from fewshot.comparisons import compare, points
 from fewshot.config import Config, EvaluateConfig, ExtractConfig, apply
-from fewshot.evaluation import run_episodes
+from fewshot.episodes import run_episodes
 from fewshot.features import Features, extract_features
 
 SHOTS = (1, 2, 5)

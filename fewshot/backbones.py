@@ -4,7 +4,7 @@ Grammar: ``SPEC[:key=value,key=value...]``. The suffix passes keyword arguments 
 (``img_size``, ``patch_size``, ``depth``, ...) except five of ours: ``arch`` (the timm architecture of a
 foreign weights file), ``seed`` (random init), ``size`` (pixels), ``pool`` (this backbone's token pooling,
 overriding ``--pool``: e.g. ``runs/mae:pool=avg`` beside ``runs/dino`` in one evaluation) and ``strict``
-(``strict=false`` accepts weights that leave more than :data:`MAX_MISSING_SHARE` of the model random).
+(``strict=false`` accepts weights that leave more than :data:`fewshot.weights.MAX_MISSING_SHARE` of the model random).
 
 - ``pixels`` / ``pixels:SIZE`` -- the image resized to SIZE x SIZE (default 32), flattened: the raw baseline;
 - a timm name, e.g. ``vit_tiny_patch16_224:img_size=32,patch_size=8`` -- random init (seeded): a baseline;
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -30,13 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import FewshotError
+from fewshot.weights import file_sha256, load_state, read_weights, state_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state", "module", "net", "network")
-_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
-# A weights file may miss a few tensors (e.g. a norm the checkpoint never had); beyond this share of the model's
-# parameters left at random init, the features would not be the checkpoint's: refuse unless strict=false.
-MAX_MISSING_SHARE = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +195,8 @@ def load_backbone(spec: str) -> Backbone:
     if parsed.kind == "timm":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(parsed.seed)  # the random-init baseline is reproducible
-            model = _create(parsed.name, parsed.kwargs)
-        sha = "random-init:" + _state_sha256(model)
+            model, _ = create_model(parsed.name, parsed.kwargs)
+        sha = "random-init:" + state_sha256(model)
         data_cfg = {"crop_pct": 1.0}  # no pretrained eval protocol to follow: keep the whole image
     elif parsed.kind == "hub":
         from huggingface_hub.errors import EntryNotFoundError  # a plain Exception, unlike the hub's HTTP errors
@@ -210,7 +205,7 @@ def load_backbone(spec: str) -> Backbone:
             model = timm.create_model(parsed.name, pretrained=True, num_classes=0, **parsed.kwargs)
         except (OSError, ValueError, RuntimeError, EntryNotFoundError) as exc:  # network, unknown repo or file, auth
             raise FewshotError(f"cannot load '{parsed.name}' from the Hugging Face hub ({exc})") from None
-        sha = "hub:" + _state_sha256(model)
+        sha = "hub:" + state_sha256(model)
     else:
         assert parsed.path is not None
         state, meta = read_weights(parsed.path)
@@ -221,7 +216,7 @@ def load_backbone(spec: str) -> Backbone:
                 f"e.g. {parsed.path}:arch=vit_small_patch16_224"
             )
         kwargs = {**json.loads(meta.get("model_kwargs", "{}")), **parsed.kwargs}
-        model = _create(arch, kwargs)
+        model, _ = create_model(arch, kwargs)
         report = load_state(model, state, str(parsed.path), strict=parsed.strict)
         if report:
             log.warning("%s: %s", parsed.path, report)
@@ -275,13 +270,26 @@ def _unfinished(path: Path, meta: dict[str, str]) -> str:
     return note
 
 
-def _create(arch: str, kwargs: dict[str, Any]) -> Any:
+def create_model(
+    arch: str, kwargs: dict[str, Any], hint: str = "check the spec's options", optional: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The one door to ``timm.create_model`` for a randomly initialised model: ``arch`` with ``num_classes=0`` and
+    ``kwargs``. Keys of ``optional`` that the architecture does not take (timm raises TypeError) are dropped, in
+    order, and the build tried again (e.g. ``dynamic_img_size``, then ``img_size`` for a CNN). Returns the model and
+    the keyword arguments it was built with; any other failure is one :class:`FewshotError` line ending in ``hint``."""
     import timm
 
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        raise FewshotError(f"timm cannot build '{arch}' with {kwargs} ({exc}); check the spec's options") from None
+    args = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=0, **args), args
+        except TypeError as exc:
+            drop = next((k for k in optional if k in args), None)
+            if drop is None:
+                raise FewshotError(f"timm cannot build '{arch}' with {kwargs} ({exc}); {hint}") from None
+            del args[drop]
+        except (ValueError, RuntimeError, AssertionError) as exc:
+            raise FewshotError(f"timm cannot build '{arch}' with {kwargs} ({exc}); {hint}") from None
 
 
 def _timm_transform(model: Any, overrides: dict[str, Any] | None) -> tuple[Callable[[Any], Any], str]:
@@ -314,126 +322,3 @@ def _pixels(spec: str, size: int) -> Backbone:
     )
     desc = json.dumps({"input_size": [3, size, size], "interpolation": "bilinear", "scale": "0..1"}, sort_keys=True)
     return Backbone(spec, None, transform, desc, "none", "pixels", {"size": size})
-
-
-# ---------------------------------------------------------------------------------------------- weights
-
-
-def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """Tensors and string metadata from a weights file, never executing pickled code."""
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except (SafetensorError, OSError) as exc:
-            raise FewshotError(f"'{path}' is not a readable safetensors file ({exc})") from None
-        return state, meta
-    import pickle
-
-    import torch
-
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    # torch.save writes a zip archive (since 1.6) or, before that, a pickle (protocol ≥ 2 opens with 0x80); any other
-    # file would reach the legacy unpickler and fail with whatever error its first bytes provoke
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
-        raise FewshotError(f"'{path}' is not a PyTorch checkpoint (no zip or pickle header); check the file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FewshotError(
-            f"refusing to load '{path}': it holds pickled objects other than tensors, which could run code "
-            f"({first[:120]}); convert it to safetensors with a trusted tool first"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as exc:  # damaged legacy pickles too
-        raise FewshotError(f"'{path}' is not a readable PyTorch checkpoint ({exc})") from None
-    return unwrap_state_dict(obj, path), {}
-
-
-def unwrap_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, Any]:
-    """Find the backbone's state dict inside common checkpoint layouts and strip wrapper prefixes."""
-    import torch
-
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            raise FewshotError(f"no tensors found in '{path}' (top-level keys: {list(obj)[:8]}); is it a checkpoint?")
-        obj = inner
-    if not isinstance(obj, dict):
-        raise FewshotError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
-    state = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        state[key] = value
-    return state
-
-
-def load_state(model: Any, state: dict[str, Any], where: str, strict: bool = True) -> str:
-    """Load ``state`` into ``model``; return a one-line report of missing/unexpected keys ('' when all fit).
-
-    Refuses (one line) a load that leaves more than :data:`MAX_MISSING_SHARE` of the model's parameters at random
-    init unless ``strict`` is False: such weights are not the checkpoint's model (e.g. 2-block weights in a 4-block
-    ViT). Unexpected keys (weights the model has no place for, e.g. blocks dropped) are reported, not refused:
-    checkpoints often carry heads and decoders the backbone does not use.
-    """
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(model, VisionTransformer):
-        state = checkpoint_filter_fn(state, model)  # e.g. interpolates position embeddings to the model's size
-    own = model.state_dict()
-    bad = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise FewshotError(
-            f"weights in '{where}' do not fit this architecture: {k} is {tuple(state[k].shape)} in the file but "
-            f"{tuple(own[k].shape)} in the model ({len(bad)} mismatched); pick the matching :arch= and options"
-        )
-    params = dict(model.named_parameters())
-    missing = [k for k in own if k not in state]
-    share = sum(params[k].numel() for k in missing if k in params) / max(1, sum(p.numel() for p in params.values()))
-    if share > MAX_MISSING_SHARE and strict:
-        raise FewshotError(
-            f"weights in '{where}' leave {100 * share:.0f}% of the model's parameters at random init ({len(missing)} "
-            f"tensors missing, e.g. {', '.join(missing[:3])}); pick the architecture options the weights were "
-            "trained with (e.g. depth=), or add :strict=false to accept a partial load"
-        )
-    model.load_state_dict(state, strict=False)
-    unexpected = [k for k in state if k not in own and not k.startswith("head")]  # projection heads are expected
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}; "
-                     f"{100 * share:.1f}% of the parameters left at random init)")  # fmt: skip
-    if unexpected:
-        parts.append(
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}; "
-            "not used)"
-        )
-    return "; ".join(parts)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _state_sha256(model: Any) -> str:
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -130,7 +130,8 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
     """
     import dataclasses
 
-    from fewshot.evaluation import check_evaluate_config, evaluate
+    from fewshot.episodes import check_evaluate_config
+    from fewshot.evaluation import evaluate
     from fewshot.labelling import select_images
     from fewshot.outputs import check_folder
     from fewshot.sources import open_source

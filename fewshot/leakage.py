@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import FewshotError
+from fewshot.weights import file_sha256
 
 SHOWN = 5  # files named in an error message
 
@@ -47,23 +48,15 @@ def _digest(images: Any, i: int) -> str:
     rec = images.records[i]
     try:
         if rec.file is not None:
-            return _file_sha256(rec.file)
+            return file_sha256(rec.file)
         item = images._hf[rec.row][images._hf_image]  # an undecoded image cell: {"bytes", "path"}
         if isinstance(item, dict) and item.get("bytes"):
             return hashlib.sha256(item["bytes"]).hexdigest()
         if isinstance(item, dict) and item.get("path"):
-            return _file_sha256(Path(item["path"]))
+            return file_sha256(Path(item["path"]))
     except OSError:
         pass
     return ""  # unreadable: it is skipped (and listed) when features are extracted
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def overlap(a: Any, b: Any) -> list[tuple[str, str]]:

@@ -44,7 +44,7 @@ def probe(
 
 
 def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, spec: str, progress: bool) -> dict:
-    from fewshot.evaluation import align_classes, confusion_counts, scores
+    from fewshot.episodes import align_classes, confusion_counts, scores
     from fewshot.features import extract_features
     from fewshot.heads import make_head
     from fewshot.heads.io import save_head

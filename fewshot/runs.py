@@ -177,7 +177,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict]:
     """Read a checkpoint: (model state dict, optimiser state dict, RNG states, JSON state)."""
-    from fewshot.backbones import read_weights
+    from fewshot.weights import read_weights
 
     try:
         tensors, meta = read_weights(path)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from fewshot.config import Config, EvaluateConfig, HeadsConfig, LogRegConfig
+from fewshot.episodes import align_classes, run_episodes
 from fewshot.errors import FewshotError
-from fewshot.evaluation import align_classes, evaluate, run_episodes
+from fewshot.evaluation import evaluate
 from fewshot.features import Features
 from fewshot.sampling import sample_support
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fewshot.config import Config, SelectConfig
+from fewshot.episodes import chosen_support
 from fewshot.errors import FewshotError
-from fewshot.evaluation import chosen_support
 from fewshot.selection import STRATEGIES, purity_radius, select, typicality
 
 

@@ -143,6 +143,7 @@ def create_vit(cfg: Any, drop_path_rate: float = 0.0, init: Any = None) -> tuple
     """
     import timm
 
+    from fewshot.backbones import create_model
     from fewshot.errors import FewshotError
 
     kwargs: dict[str, Any] = dict(init.model_kwargs) if init is not None else {}
@@ -153,24 +154,16 @@ def create_vit(cfg: Any, drop_path_rate: float = 0.0, init: Any = None) -> tuple
         kwargs["depth"] = cfg.depth
     if not timm.is_model(cfg.model):
         raise FewshotError(f"'{cfg.model}' is not a timm architecture; pass e.g. --model vit_small_patch16_224")
-    extra: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
-    tries = [{**kwargs, "dynamic_img_size": True}, kwargs, {k: v for k, v in kwargs.items() if k != "img_size"}]
-    for i, args in enumerate(tries):
-        try:
-            model = timm.create_model(cfg.model, pretrained=False, **extra, **args)
-            break
-        except TypeError:  # no dynamic_img_size (e.g. CNNs), then no img_size: try the next
-            if i == len(tries) - 1:
-                raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs}; check --img-size etc.") from None
-        except (ValueError, RuntimeError, AssertionError) as exc:
-            raise FewshotError(f"timm cannot build '{cfg.model}' with {kwargs} ({exc}); check --img-size etc") from None
+    # dynamic_img_size: the same weights take global and local crops; a CNN takes neither it nor an img_size
+    model, used = create_model(cfg.model, {**kwargs, "dynamic_img_size": True, "drop_path_rate": drop_path_rate},
+                               hint="check --img-size etc.", optional=("dynamic_img_size", "img_size"))  # fmt: skip
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None and cfg.img_size % int(patch[0]):
         raise FewshotError(
             f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {int(patch[0])}; "
             f"use e.g. --img-size {max(1, round(cfg.img_size / int(patch[0]))) * int(patch[0])} or set --patch-size"
         )
-    return model, {k: v for k, v in args.items() if k != "dynamic_img_size"}
+    return model, {k: v for k, v in used.items() if k not in ("dynamic_img_size", "drop_path_rate")}
 
 
 def prepare(cfg: Any, init: Any) -> tuple[Any, Any]:
@@ -186,7 +179,7 @@ def prepare(cfg: Any, init: Any) -> tuple[Any, Any]:
 def load_init(model: nn.Module, init: Any) -> str:
     """Load the ``--init`` weights (:class:`fewshot.inits.InitWeights`) into ``model``; the missing/unexpected-key
     report of reading them and of this load, '' when both were clean."""
-    from fewshot.backbones import load_state
+    from fewshot.weights import load_state
 
     report = load_state(model, init.state, init.spec)
     return "; ".join(r for r in (init.report, report) if r)
