@@ -330,19 +330,18 @@ def probe(
     flags |= {"probe.shots": shots, "probe.head": head, "probe.seed": seed, "pool.unlabeled": unlabeled}
     flags |= {"probe.allow_overlap": allow_overlap}
     cfg = _config(recipe, set_, flags)
-    summary = run(train, out, test=test, cfg=cfg, progress=not quiet)
-    _echo_skips(summary["skipped_train"] + summary["skipped_unlabeled"] + summary.get("skipped_test", []))
-    _echo_overlaps(summary["overlaps"])
-    extra = f", C={summary['C']:g}" if "C" in summary else ""
-    extra += f", {summary['pool_size']} unlabeled pool images" if summary["pool_size"] else ""
+    result = run(train, out, test=test, cfg=cfg, progress=not quiet)
+    _echo_skips(result.skipped_train + result.skipped_unlabeled + result.skipped_test)
+    _echo_overlaps(result.overlaps)
+    extra = f", C={result.C:g}" if result.C is not None else ""
+    extra += f", {result.pool_size} unlabeled pool images" if result.pool_size else ""
     typer.echo(
-        f"{summary['head']} head on {summary['support_size']} labelled images "
-        f"({len(summary['classes'])} classes{extra}) saved to {out}"
+        f"{result.head} head on {result.support_size} labelled images ({len(result.classes)} classes{extra}) "
+        f"saved to {out}"
     )
-    if "accuracy" in summary:
+    if result.accuracy is not None:
         typer.echo(
-            f"test accuracy {summary['accuracy']:.4f}, balanced {summary['balanced_accuracy']:.4f} "
-            f"on {summary['test_size']} images"
+            f"test accuracy {result.accuracy:.4f}, balanced {result.balanced_accuracy:.4f} on {result.test_size} images"
         )
 
 
@@ -374,8 +373,8 @@ def predict(
     from fewshot.probing import predict as run
 
     result = run(images, head, out, progress=not quiet, allow_backbone_change=allow_backbone_change)
-    _echo_skips(result["skipped"])
-    typer.echo(f"{len(result['predictions'])} predictions written to {out}")
+    _echo_skips(result.skipped)
+    typer.echo(f"{len(result.rows)} predictions written to {out}")
 
 
 @command
@@ -480,17 +479,17 @@ def select(
     flags: dict[str, Any] = {"extract.backbone": backbone, "extract.pool": pool, "extract.device": device}
     flags |= {"select.budget": budget, "select.strategy": strategy, "select.seed": seed, "select.classes": classes}
     cfg = _config(recipe, set_, flags)
-    summary = select_images(images, out, cfg=cfg, exclude=exclude, files=files, progress=not quiet)
-    _echo_skips(summary["skipped"])
-    excluded = f" ({summary['excluded']} already labelled, excluded)" if summary["excluded"] else ""
+    chosen = select_images(images, out, cfg=cfg, exclude=exclude, files=files, progress=not quiet)
+    _echo_skips(chosen.skipped)
+    excluded = f" ({chosen.excluded} already labelled, excluded)" if chosen.excluded else ""
     typer.echo(
-        f"{len(summary['rows'])} of {summary['candidates']} images chosen by {summary['strategy']}{excluded}: "
-        f"{summary['csv']}, contact sheet {summary['sheets'][0]}"
+        f"{len(chosen.rows)} of {chosen.candidates} images chosen by {chosen.strategy}{excluded}: "
+        f"{chosen.csv}, contact sheet {chosen.sheets[0]}"
     )
-    for row in summary["rows"][:10]:
+    for row in chosen.rows[:10]:
         typer.echo(f"  {row['rank']:>4}  {row['path']}")
-    if len(summary["rows"]) > 10:
-        typer.echo(f"  ... {len(summary['rows']) - 10} more in {summary['csv']}")
+    if len(chosen.rows) > 10:
+        typer.echo(f"  ... {len(chosen.rows) - 10} more in {chosen.csv}")
 
 
 @command

@@ -174,7 +174,7 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
         "evaluate_seconds": t2 - t1,
         "selection": selection,
         "selection_backbone": backbones[0],
-        "selection_classes": len(set(_digits([r["path"] for r in selection["rows"]]))),
+        "selection_classes": len(set(_digits([r["path"] for r in selection.rows]))),
     }
 
 
@@ -194,10 +194,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"test digits in {result['folders']['train'].parent}"
     ]
     if run is not None:
-        if trained["logs"]:
-            done = f"pretrained {result['method']} for {trained['steps']} steps in {_duration(trained['seconds'])}"
+        if trained.logs:
+            done = f"pretrained {result['method']} for {trained.steps} steps in {_duration(trained.seconds)}"
         else:
-            done = f"pretraining ({result['method']}, {trained['steps']} steps) was already finished"
+            done = f"pretraining ({result['method']}, {trained.steps} steps) was already finished"
         lines.append(f"{done}: run folder {run}")
     top = max(r["shots"] for r in report["results"])
     lines.append(f"evaluated in {_duration(result['evaluate_seconds'])}; best head per backbone at {top} shots:")
@@ -208,8 +208,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {role:<12} {best['accuracy']:.3f} ± {best['accuracy_ci95']:.3f} {head:<20} {backbone}")
     selection = result["selection"]
     lines.append(
-        f"TypiClust's first {len(selection['rows'])} digits to label (features of {result['selection_backbone']}) "
-        f"cover {result['selection_classes']} of 10 classes: {selection['sheets'][0]}"
+        f"TypiClust's first {len(selection.rows)} digits to label (features of {result['selection_backbone']}) "
+        f"cover {result['selection_classes']} of 10 classes: {selection.sheets[0]}"
     )
     return lines
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ PER_PAGE, COLUMNS, THUMB = 100, 10, 96
 LINK_MODES = ("none", "copy", "link")
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_images` returns."""
+
+    rows: list[dict[str, Any]]  # the chosen images in order: {path, rank, cluster, score}
+    strategy: str
+    excluded: int  # images already labelled (--exclude), never chosen
+    candidates: int  # images it chose from
+    details: dict[str, Any]  # the strategy's own figures (clusters, radius, ...)
+    csv: Path  # selection.csv
+    sheets: list[Path]  # contact sheets, 100 images a page
+    skipped: list[dict[str, str]]  # unreadable files
+
+
 def select_images(
     images: str | Path,
     out: str | Path,
@@ -33,18 +48,27 @@ def select_images(
     exclude: str | Path | None = None,
     files: str = "none",
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Selection:
     """Choose ``cfg.select.budget`` images of ``images`` to label with ``cfg.select.strategy``; write the outputs.
 
-    ``files`` is ``none``, ``copy`` or ``link`` (symbolic links) for ``out/images``. Returns a summary with the
-    chosen ``rows`` ({path, rank, cluster, score}), ``excluded`` (how many images were already labelled), the
-    strategy's ``details``, the written ``csv`` and ``sheets``, and ``skipped`` (unreadable files).
+    ``files`` is ``none``, ``copy`` or ``link`` (symbolic links) for ``out/images``. ``out`` is checked before any
+    work and held by one command at a time.
     """
+    from fewshot.outputs import check_folder, folder_lock
+
+    out = check_folder(out)  # before minutes of extraction
+    with folder_lock(out):
+        return _select_images(images, out, cfg or Config(), exclude, files, progress)
+
+
+def _select_images(
+    images: str | Path, out: Path, cfg: Config, exclude: str | Path | None, files: str, progress: bool
+) -> Selection:
     from fewshot.features import extract_features
+    from fewshot.outputs import write_atomically
     from fewshot.selection import STRATEGIES, select
     from fewshot.sources import open_source
 
-    cfg = cfg or Config()
     scfg = cfg.select
     if scfg.strategy not in STRATEGIES:
         raise FewshotError(f"unknown selection strategy '{scfg.strategy}'; choose from {', '.join(STRATEGIES)}")
@@ -66,28 +90,22 @@ def select_images(
         }
         for rank, (i, c, s) in enumerate(zip(picked.indices, picked.clusters, picked.scores, strict=True), start=1)
     ]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "selection.csv").open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "rank", "cluster", "score"])
-        writer.writeheader()
-        writer.writerows({**r, "score": f"{r['score']:.6g}" if r["score"] != "" else ""} for r in rows)
+    write_atomically(out / "selection.csv", lambda tmp: _write_csv(tmp, rows))
     by_name = {rec.name: i for i, rec in enumerate(source.records)}
     chosen = [by_name[r["path"]] for r in rows]
     sheets = _contact_sheets(source, chosen, rows, out / SHEET)
     if files != "none":
         _place(source, chosen, out / "images", files)
     save_config(cfg, out / "config.json", command="select", images=str(images), exclude=str(exclude or ""))
-    return {
-        "rows": rows,
-        "strategy": scfg.strategy,
-        "excluded": int(mask.sum()),
-        "candidates": int((~mask).sum()),
-        "details": picked.details,
-        "csv": out / "selection.csv",
-        "sheets": sheets,
-        "skipped": feats.skipped,
-    }
+    return Selection(rows, scfg.strategy, int(mask.sum()), int((~mask).sum()), picked.details,
+                     out / "selection.csv", sheets, feats.skipped)  # fmt: skip
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "rank", "cluster", "score"])
+        writer.writeheader()
+        writer.writerows({**r, "score": f"{r['score']:.6g}" if r["score"] != "" else ""} for r in rows)
 
 
 def _excluded(source: Any, exclude: str | Path) -> set[str]:

@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PretrainResult:
+    """What :func:`fewshot.pretrain` returns."""
+
+    backbone: Path  # the exported backbone.safetensors
+    steps: int  # the run's planned (and reached) last step
+    seconds: float  # this call's training time
+    logs: dict[str, float]  # the last logged means (loss, ...); empty when the run was already finished
+    monitor: dict[str, Any] | None = None  # with --monitor: k-NN at the start, best and end (fewshot.start_point)
+
+
 @dataclass
 class _Tally:
     """Sums of the logged values since the last log step and since the epoch began, with their clocks."""
@@ -110,8 +121,8 @@ class TrainingLoop:
         self.logs: dict[str, float] = {}  # the last logged means
         self.warned: set[str] = set()  # kinds of the method's epoch warnings already shown
 
-    def run(self, start: int) -> dict[str, Any]:
-        """Train from ``start``; the summary (``backbone``, ``steps``, ``seconds``, ``logs``, ``monitor``)."""
+    def run(self, start: int) -> PretrainResult:
+        """Train from ``start`` to the planned last step."""
         cfg, plan = self.cfg, self.plan
         total, per_epoch = plan.total_steps, plan.steps_per_epoch
         t_start = time.perf_counter()
@@ -274,7 +285,7 @@ class TrainingLoop:
                 if isinstance(v, float):
                     self.writer.add_scalar(f"{group}/{k}", v, step)
 
-    def _summary(self, start: int, seconds: float) -> dict[str, Any]:
+    def _summary(self, start: int, seconds: float) -> PretrainResult:
         if self.writer is not None:
             self.writer.close()
         total, logs = self.plan.total_steps, self.logs
@@ -291,8 +302,8 @@ class TrainingLoop:
             log.info(f"{line}; backbone → {self.folder.backbone}")
             for w in self.start_point.final_warnings():
                 log.warning(w)
-        summary = {"backbone": self.folder.backbone, "steps": total, "seconds": seconds, "logs": logs}
-        return summary | ({"monitor": self.start_point.as_dict()} if self.monitor is not None else {})
+        monitor = self.start_point.as_dict() if self.monitor is not None else None
+        return PretrainResult(self.folder.backbone, total, seconds, logs, monitor)
 
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:

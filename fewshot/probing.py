@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,52 @@ from fewshot.config import Config, ExtractConfig, save_config, to_dict
 from fewshot.errors import FewshotError
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """What :func:`probe` returns; ``head.json`` records the same fields."""
+
+    head: str
+    backbone: str  # as given
+    pool: str  # token pooling of the features
+    classes: list[str]
+    shots: int | None  # labels per class; None: every label
+    support_size: int
+    seed: int
+    train: str
+    skipped_train: list[dict[str, str]]
+    pool_size: int  # unlabeled images a pool head saw (0 for the others)
+    unlabeled: str | None  # ``pool.unlabeled`` when a pool head used it
+    skipped_unlabeled: list[dict[str, str]]
+    overlaps: list[dict[str, str]]  # TEST images allowed (--allow-overlap) to also be in TRAIN or the pool
+    C: float | None = None  # the logistic regression's chosen C, for heads that choose one
+    test: str | None = None  # with ``test``: its size, accuracy, balanced accuracy and skipped files
+    test_size: int = 0
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    skipped_test: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What :func:`predict` returns: one ``{"path", "label", "score"}`` row per readable image, and the skipped."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+
+
 def probe(
     train: str | Path,
     out: str | Path,
     test: str | Path | None = None,
     cfg: Config | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """Fit ``cfg.probe.head`` on ``cfg.probe.shots`` labels per class of ``train``; save it to ``out``.
 
-    Returns a summary: the head, support size, chosen hyperparameters and, with ``test``, its accuracy. A pool
-    head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support and the
-    ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is first checked
-    against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
+    Returns a :class:`ProbeResult`: the head, support size, chosen hyperparameters and, with ``test``, its
+    accuracy. A pool head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support
+    and the ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is
+    first checked against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
     """
     from fewshot.backbones import absolute_spec
     from fewshot.outputs import check_folder, folder_lock
@@ -43,7 +77,9 @@ def probe(
         return _probe(train, out, test, cfg, absolute_spec(cfg.extract.backbone), progress)
 
 
-def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, spec: str, progress: bool) -> dict:
+def _probe(
+    train: str | Path, out: Path, test: str | Path | None, cfg: Config, spec: str, progress: bool
+) -> ProbeResult:
     from fewshot.episodes import align_classes, confusion_counts, scores
     from fewshot.features import extract_features
     from fewshot.heads import make_head
@@ -76,39 +112,29 @@ def _probe(train: str | Path, out: Path, test: str | Path | None, cfg: Config, s
         x_extra = None if extra is None else extra.features
         X, y = with_pool(feats.features, feats.labels, support, x_extra, cfg.pool.max_images, pcfg.seed)
     head.fit(X, y)
-    summary: dict[str, Any] = {
-        "head": pcfg.head,
-        "backbone": typed,
-        "pool": feats.meta.get("pool", ecfg.pool),
-        "classes": feats.classes,
-        "shots": pcfg.shots,
-        "support_size": len(support),
-        "seed": pcfg.seed,
-        "train": str(train),
-        "skipped_train": feats.skipped,
-        "pool_size": int((y < 0).sum()),
-        "unlabeled": cfg.pool.unlabeled if head.uses_pool else None,
-        "skipped_unlabeled": extra.skipped if extra is not None else [],
-        "overlaps": overlaps,
-    }
-    if hasattr(head, "C_"):
-        summary["C"] = float(head.C_)
+    result = ProbeResult(
+        head=pcfg.head, backbone=typed, pool=feats.meta.get("pool", ecfg.pool), classes=feats.classes,
+        shots=pcfg.shots, support_size=len(support), seed=pcfg.seed, train=str(train), skipped_train=feats.skipped,
+        pool_size=int((y < 0).sum()), unlabeled=cfg.pool.unlabeled if head.uses_pool else None,
+        skipped_unlabeled=extra.skipped if extra is not None else [], overlaps=overlaps,
+        C=float(head.C_) if hasattr(head, "C_") else None,
+    )  # fmt: skip
     if test is not None:
         tfeats = align_classes(feats, extract_features(test, ecfg, progress=progress))
         pred = head.predict(tfeats.features)
         # balanced accuracy over the classes TEST holds (as evaluate reports it)
         accuracy, balanced = scores(confusion_counts(tfeats.labels, pred, len(feats.classes)))
-        summary.update(test=str(test), test_size=len(pred), accuracy=accuracy, balanced_accuracy=balanced)
-        summary["skipped_test"] = tfeats.skipped
+        result = dataclasses.replace(result, test=str(test), test_size=len(pred), accuracy=accuracy,
+                                     balanced_accuracy=balanced, skipped_test=tfeats.skipped)  # fmt: skip
     info = {
-        **summary,
+        **dataclasses.asdict(result),
         "extract": to_dict(ecfg),
         "backbone_typed": typed,  # as the user wrote it; extract.backbone holds it resolved (absolute paths)
         "weights_sha256": feats.meta.get("weights_sha256", ""),
     }
     save_head(head, out, info)
     save_config(cfg, out / "config.json", command="probe", train=str(train), test=str(test) if test else None)
-    return summary
+    return result
 
 
 def predict(
@@ -117,15 +143,14 @@ def predict(
     out: str | Path | None = None,
     progress: bool = True,
     allow_backbone_change: bool = False,
-) -> dict[str, Any]:
+) -> Predictions:
     """Label every readable image in ``images`` with a saved head; write ``path,label,score`` CSV to ``out``.
 
     A ``spread`` head scores the images together with its saved support and pool (it spreads labels again over
     all of them: transductive); ``selftrain`` and ``HEAD+center`` heads score each image on its own.
 
     The backbone is the one recorded in the head; if its weights changed since the head was fitted (the file was
-    retrained or replaced), this refuses unless ``allow_backbone_change``. Returns
-    ``{"predictions": [{"path", "label", "score"}, ...], "skipped": [{"path", "reason"}, ...]}``.
+    retrained or replaced), this refuses unless ``allow_backbone_change``. Returns :class:`Predictions`.
     """
     from fewshot.backbones import load_backbone, spec_base
     from fewshot.features import extract_features
@@ -163,7 +188,7 @@ def predict(
     ]
     if out is not None:
         write_atomically(out, lambda tmp: _write_csv(tmp, rows))
-    return {"predictions": rows, "skipped": feats.skipped}
+    return Predictions(rows, feats.skipped)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -29,7 +29,7 @@ from fewshot.config import from_dict, save_config, to_dict
 from fewshot.devices import training_device
 from fewshot.errors import FewshotError
 from fewshot.image_store import ImageStore, open_store
-from fewshot.loop import TrainingLoop
+from fewshot.loop import PretrainResult, TrainingLoop
 from fewshot.methods import get_method
 from fewshot.methods.base import Method, RunPlan
 from fewshot.optimisation import build_optimizer
@@ -37,7 +37,7 @@ from fewshot.pretrain_config import PretrainConfig
 from fewshot.runs import RunFolder, flat_keys, load_run_checkpoint, load_run_config, restore_rng
 from fewshot.schedules import capped_steps, cosine
 
-__all__ = ["load_run_config", "pretrain"]  # load_run_config lives in fewshot.runs; kept here for callers
+__all__ = ["PretrainResult", "load_run_config", "pretrain"]  # PretrainResult and load_run_config: defined in loop, runs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test"
 
 def pretrain(
     images: Any, cfg: Any, out: Path, progress: bool = True, notes: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> PretrainResult:
     """Pretrain a backbone on unlabelled ``images`` and write the run folder ``out``; resume it if it exists.
 
     ``images``: a data source as ``fewshot pretrain`` takes it (a folder, a CSV, ``imagefolder:``/``hf:`` names:
@@ -59,9 +59,10 @@ def pretrain(
     ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section); values it leaves unset are
     resolved here, the same for the Python API and the CLI (:func:`fewshot.inits.resolve_pretrain`: the method's
     optimiser, the init's architecture and normalisation). ``notes``: facts saved in ``config.json`` beside the
-    config (e.g. what ``--recipe auto`` chose and why). Returns a summary dict (``backbone`` path, ``steps``, final
-    logs, ``monitor``: start/best/end). Raises :class:`FewshotError` for bad input or a diverged run.
-    Under ``torchrun`` every process calls this; they train one model together (:mod:`fewshot.distributed`).
+    config (e.g. what ``--recipe auto`` chose and why). Returns a :class:`fewshot.loop.PretrainResult` (the
+    backbone's path, steps, final logs, the monitor's start/best/end). Raises :class:`FewshotError` for bad input
+    or a diverged run. Under ``torchrun`` every process calls this; they train one model together
+    (:mod:`fewshot.distributed`).
     """
     from fewshot.inits import resolve_pretrain
     from fewshot.sources import open_source
@@ -93,7 +94,7 @@ def _pretrain(
     ranks: distributed.Dist,
     started: float,
     notes: dict[str, Any],
-) -> dict[str, Any]:
+) -> PretrainResult:
     out = run.root
     assert cfg.img_size is not None  # resolved (fewshot.inits.resolve_pretrain), as every optim value
     o: Any = cfg.optim

@@ -222,7 +222,7 @@ def test_step0_monitor_equals_evaluates_full_label_knn_of_the_init(digits: tuple
     assert start["kind"] == "start" and start["step"] == 0
     report = evaluate(train, test, backbones=[str(path), f"{tmp_path / 'run'}:init"], out=None, progress=False)
     assert [r["accuracy"] for r in report["full_knn"]] == [start["knn_top1"]] * 2
-    assert summary["monitor"]["start"] == start["knn_top1"]
+    assert summary.monitor["start"] == start["knn_top1"]
     assert (tmp_path / "run" / "best.safetensors").is_file()
 
 

@@ -396,6 +396,10 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ],
         ("heads.selftrain needs", "0 <= threshold < 1"),
     ),
+    "select --out an existing file": (
+        lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "-n", "1", "-o", _write(t / "taken", b"x")],
+        ("is a file; pass a folder",),
+    ),
     "select excluding a missing folder": (
         lambda t: ["select", labelled(t / "d", {"a": 3}), "-n", "1", "--exclude", t / "nope", "-o", t / "s"],
         ("--exclude", "does not exist"),

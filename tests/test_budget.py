@@ -121,7 +121,7 @@ def test_rerun_keeps_the_saved_plan_without_probing_again(
 
     monkeypatch.setattr(budget, "time_steps", no_probe)
     result = pretrain(images, CFG, run, progress=False)
-    assert result["steps"] == before["total_steps"] and not result["logs"]  # already finished
+    assert result.steps == before["total_steps"] and not result.logs  # already finished
     assert json.loads((run / "config.json").read_text())["budget"] == before
 
 

@@ -273,7 +273,7 @@ def test_the_python_api_pretrains_a_folder_named_by_its_path(tmp_path: Path) -> 
     for i, image in enumerate(pixels.numpy()):
         Image.fromarray(image).save(data / f"{i}.png")
     summary = fewshot.pretrain(str(data), dataclasses.replace(CFG, epochs=1), tmp_path / "run", progress=False)
-    assert summary["steps"] == 2 and Path(summary["backbone"]).is_file()
+    assert summary.steps == 2 and summary.backbone.is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_images"] == 8
 
 
