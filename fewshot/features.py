@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,14 @@ from fewshot.config_rules import POOL_PATTERN
 from fewshot.errors import FewshotError
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from fewshot.backbones import Backbone
+    from fewshot.distributed import Dist
+    from fewshot.sources import ImageSet
+
+TimmModel = Any  # a timm model: forward_features, num_prefix_tokens, blocks... are read by name (timm's vocabulary)
 
 CACHE_VERSION = "2"  # 2: the data fingerprint covers class names and skipped files
 
@@ -123,7 +131,7 @@ def check_pool(pool: str) -> None:
 # ---------------------------------------------------------------------------------------------- computing
 
 
-def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ranks: Any) -> Features:
+def _compute(images: ImageSet, backbone: Backbone, cfg: ExtractConfig, progress: bool, ranks: Dist) -> Features:
     import torch
     from torch.utils.data import DataLoader
 
@@ -168,7 +176,9 @@ def _compute(images: Any, backbone: Any, cfg: ExtractConfig, progress: bool, ran
     return Features(out[: len(kept)], labels, list(images.classes), paths, skipped)
 
 
-def _gather(out: np.ndarray | None, kept: list[int], skipped: list[dict[str, str]], n: int, device: Any) -> tuple:
+def _gather(
+    out: np.ndarray | None, kept: list[int], skipped: list[dict[str, str]], n: int, device: torch.device
+) -> tuple[np.ndarray | None, list[int], list[dict[str, str]]]:
     """Every rank's features, in the images' order, on every rank (torchrun)."""
     import torch
 
@@ -185,13 +195,13 @@ def _gather(out: np.ndarray | None, kept: list[int], skipped: list[dict[str, str
 class _Decoded:
     """Map-style dataset over the images ``ids``: decoded, transformed image or the reason it could not be read."""
 
-    def __init__(self, images: Any, transform: Any, ids: range) -> None:
+    def __init__(self, images: ImageSet, transform: Callable[[Image.Image], torch.Tensor], ids: range) -> None:
         self.images, self.transform, self.ids = images, transform, ids
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, j: int) -> tuple[Any, int, str]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor | None, int, str]:
         from fewshot.images import UnreadableImage
 
         i = self.ids[j]
@@ -201,7 +211,9 @@ class _Decoded:
             return None, i, f"{self.images.records[i].name}\0{exc}"
 
 
-def _collate(items: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[dict[str, str]]]:
+def _collate(
+    items: list[tuple[torch.Tensor | None, int, str]],
+) -> tuple[torch.Tensor | None, list[int], list[dict[str, str]]]:
     import torch
 
     good = [(x, i) for x, i, _ in items if x is not None]
@@ -210,7 +222,7 @@ def _collate(items: list[tuple[Any, int, str]]) -> tuple[Any, list[int], list[di
     return x, [g[1] for g in good], bad
 
 
-def check_pool_for(model: Any, pool: str) -> None:
+def check_pool_for(model: TimmModel | None, pool: str) -> None:
     """Refuse (one line, before any image is read) a pooling the model cannot give; ``model`` None is pixels."""
     if model is None:
         return
@@ -225,7 +237,7 @@ def check_pool_for(model: Any, pool: str) -> None:
         raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
 
 
-def embed(model: Any, x: Any, pool: str) -> Any:
+def embed(model: TimmModel, x: torch.Tensor, pool: str) -> torch.Tensor:
     """Pool a timm model's tokens into one vector per image: (B, 3, H, W) -> (B, D)."""
     import torch
 
@@ -283,7 +295,7 @@ def cache_dir() -> Path:
     return Path(root) / "features"
 
 
-def _cache_key(data_fingerprint: str, backbone: Any, pool: str) -> str:
+def _cache_key(data_fingerprint: str, backbone: Backbone, pool: str) -> str:
     ident = [CACHE_VERSION, data_fingerprint, backbone.weights_sha256, backbone.architecture]
     ident += [json.dumps(backbone.model_kwargs, sort_keys=True), backbone.transform_desc, pool]
     return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:32]
