@@ -105,7 +105,8 @@ class TrainingLoop:
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.writer = _tensorboard(run.tensorboard) if ranks.main else None
         self.guard = adapt.Guard(method, guard)
-        self.start_point = StartPoint(run.best, cfg.adapt.warn_margin, self.guard.advice, self._export)
+        advice = self.guard.advice if init is not None else scratch_advice
+        self.start_point = StartPoint(run.best, cfg.adapt.warn_margin, advice, self._export)
         if ranks.world > 1 and _has_batchnorm(method):
             if device.type != "cuda":
                 raise FewshotError(
@@ -304,6 +305,15 @@ class TrainingLoop:
                 log.warning(w)
         monitor = self.start_point.as_dict() if self.monitor is not None else None
         return PretrainResult(self.folder.backbone, total, seconds, logs, monitor)
+
+
+def scratch_advice() -> str:
+    """What to do when a run from random weights falls below them (no guard to tune: there was nothing to keep)."""
+    return (
+        "the run started from random weights, so no adapt.* setting applies: the method is not learning features "
+        "that help the k-NN on these images; see its collapse warnings, try a lower pretrain.optim.lr or a longer "
+        "run, or --method mae (it learns more per CPU-minute)"
+    )
 
 
 def _has_batchnorm(module: torch.nn.Module) -> bool:

@@ -291,3 +291,21 @@ def test_an_epoch_warning_is_shown_once_and_again_at_the_end_but_logged_every_ep
     logged = [w for x in lines if x["kind"] == "epoch" for w in x["warnings"] if "reconstructs little" in w]
     shown = [r for r in caplog.records if "reconstructs little" in r.getMessage()]
     assert len(logged) == 4 and len(shown) == 2  # the first epoch, and the last
+
+
+def test_a_run_from_random_weights_is_not_advised_to_tune_the_adaptation_guard(
+    images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fewshot.loop
+
+    advice: list[Any] = []
+    real = fewshot.loop.StartPoint
+
+    def spy(best: Path, margin: float, advise: Any, save: Any) -> Any:
+        advice.append(advise)
+        return real(best, margin, advise, save)
+
+    monkeypatch.setattr(fewshot.loop, "StartPoint", spy)
+    pretrain(images, dataclasses.replace(CFG, epochs=1), tmp_path / "run", progress=False)
+    text = advice[0]()
+    assert "no adapt.* setting applies" in text and "adapt.backbone_lr_scale" not in text
