@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewshot.config_rules import ConfigValueError, above, at_least, check, each, fraction, pool_name
+from fewshot.config_rules import (
+    ConfigValueError,
+    above,
+    across_deferred,
+    at_least,
+    check,
+    each,
+    fraction,
+    pool_name,
+)
 from fewshot.errors import FewshotError
 from fewshot.outputs import write_text
 from fewshot.pretrain_config import PretrainConfig
@@ -222,20 +231,51 @@ def build_config(
 
 
 def _layers(cfg: Any, recipe: Path | None, sets: Iterable[str], flags: Mapping[str, Any] | None) -> Any:
-    if recipe is not None:
-        cfg = apply(cfg, load_recipe(recipe), source=f"recipe {recipe}")
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FewshotError(f"--set {item!r} is not KEY=VALUE; write e.g. --set heads.knn.k=10")
-        cfg = apply(cfg, _nest({key.strip(): value.strip()}), source="--set", from_string=True)
-    given = {k: v for k, v in (flags or {}).items() if v is not None}
-    if given:
-        # Flags arrive typed by the CLI, except comma lists such as --shots 1,2,5, which parse like --set.
-        # An error names the flag as typed: pretrain.steps -> --steps.
-        typed = {k: "--" + k.rsplit(".", 1)[-1].replace("_", "-") for k in given}
-        cfg = apply(cfg, _nest(given), source="command-line flag", from_string=True, typed=typed)
+    origin: dict[str, str] = {}  # dotted key -> where its value came from, as an error should name it
+    with across_deferred():  # a rule across two fields holds for the finished config, not between its layers
+        if recipe is not None:
+            table = load_recipe(recipe)
+            cfg = apply(cfg, table, source=f"recipe {recipe}")
+            origin |= {k: f"config key '{k}' (recipe {recipe})" for k in _dotted(table)}
+        for item in sets:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise FewshotError(f"--set {item!r} is not KEY=VALUE; write e.g. --set heads.knn.k=10")
+            cfg = apply(cfg, _nest({key.strip(): value.strip()}), source="--set", from_string=True)
+            origin[key.strip()] = f"config key '{key.strip()}' (--set)"
+        given = {k: v for k, v in (flags or {}).items() if v is not None}
+        if given:
+            # Flags arrive typed by the CLI, except comma lists such as --shots 1,2,5, which parse like --set.
+            # An error names the flag as typed: pretrain.steps -> --steps.
+            typed = {k: "--" + k.rsplit(".", 1)[-1].replace("_", "-") for k in given}
+            cfg = apply(cfg, _nest(given), source="command-line flag", from_string=True, typed=typed)
+            origin |= typed
+    _check_across(cfg, origin)
     return cfg
+
+
+def _check_across(section: Any, origin: Mapping[str, str], prefix: str = "") -> None:
+    """The rules across two fields (``check_across``) on the finished config; an error names where the value came
+    from (the flag as typed, or the key and its recipe or --set)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_across(value, origin, f"{prefix}{f.name}.")
+    if hasattr(section, "check_across"):
+        try:
+            section.check_across()
+        except ConfigValueError as exc:
+            dotted = f"{prefix}{exc.key}"
+            where = origin.get(dotted, f"config key '{dotted}'")
+            raise FewshotError(f"{where} must be {exc.rule}, got {exc.value!r}; fix the value") from None
+
+
+def _dotted(table: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a nested table: {"a": {"b": 1}} -> ["a.b"]."""
+    keys = []
+    for k, v in table.items():
+        keys += _dotted(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [f"{prefix}{k}"]
+    return keys
 
 
 def load_recipe(path: Path) -> dict[str, Any]:

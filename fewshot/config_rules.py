@@ -8,8 +8,10 @@ passes: it means "derived" or "not set" wherever a field allows it. Pure Python,
 
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fewshot.errors import FewshotError
@@ -23,6 +25,27 @@ class ConfigValueError(FewshotError):
     def __init__(self, key: str, value: Any, rule: str) -> None:
         self.key, self.value, self.rule = key, value, rule
         super().__init__(f"config key '{key}' must be {rule}, got {value!r}")
+
+
+# Rules across two fields (img_size a multiple of patch_size, ...) hold for the finished config only: while its
+# layers are applied one by one (recipe, --set, flags), a value may briefly pair with the other field's old value.
+_ACROSS_DEFERRED: contextvars.ContextVar[bool] = contextvars.ContextVar("across_deferred", default=False)
+
+
+@contextmanager
+def across_deferred() -> Iterator[None]:
+    """Within: sections skip their ``check_across`` at construction; the caller checks the finished config."""
+    token = _ACROSS_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _ACROSS_DEFERRED.reset(token)
+
+
+def check_across_now(section: Any) -> None:
+    """Call ``section.check_across()`` unless a layered build deferred it (see :func:`across_deferred`)."""
+    if not _ACROSS_DEFERRED.get():
+        section.check_across()
 
 
 def check(section: Any, **rules: Rule) -> None:

@@ -16,6 +16,7 @@ from fewshot.config_rules import (
     above,
     at_least,
     check,
+    check_across_now,
     each,
     fraction,
     one_of,
@@ -161,6 +162,9 @@ class MaeConfig:
               flip_prob=fraction(), decoder_dim=at_least(4), decoder_depth=at_least(1), decoder_heads=at_least(1),
               decoder_mlp_ratio=above(0), drop_path_rate=fraction(closed_high=False), reconstruct_every=at_least(0),
               reconstruct_images=at_least(0))  # fmt: skip
+        check_across_now(self)
+
+    def check_across(self) -> None:
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
             raise ConfigValueError("decoder_dim", self.decoder_dim, f"divisible by 4 and by decoder_heads "
                                    f"({self.decoder_heads})")  # fmt: skip
@@ -220,6 +224,9 @@ class PretrainConfig:
               epochs=at_least(1), steps=at_least(1), batch_size=at_least(1), precision=one_of("auto", "fp32", "bf16"),
               store_size=at_least(1), mean=each(fraction(), length=3), std=each(above(0), length=3),
               log_every=at_least(1), checkpoint_every=at_least(1))  # fmt: skip
+        check_across_now(self)
+
+    def check_across(self) -> None:
         if self.patch_size is not None and self.img_size is not None and self.img_size % self.patch_size:
             raise ConfigValueError("img_size", self.img_size, f"a multiple of patch_size {self.patch_size}")
 

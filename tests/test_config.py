@@ -113,3 +113,22 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 def test_configs_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Config().extract.pool = "avg"  # type: ignore[misc]
+
+
+def test_a_rule_across_two_fields_holds_for_the_finished_config_not_between_its_layers(tmp_path: Path) -> None:
+    from fewshot.pretrain_config import PretrainConfig
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[pretrain]\nimg_size = 64\npatch_size = 8\n")
+    # 28 is no multiple of the recipe's 8, but the next --set makes the patch 4: the finished config is valid
+    cfg = build_config(recipe, sets=["pretrain.img_size=28", "pretrain.patch_size=4"])
+    assert (cfg.pretrain.img_size, cfg.pretrain.patch_size) == (28, 4)
+    assert build_config(recipe, ["pretrain.patch_size=4"], {"pretrain.img_size": 28}).pretrain.img_size == 28
+    with pytest.raises(
+        FewshotError, match=r"^config key 'pretrain.img_size' \(--set\) must be a multiple of patch_size 8"
+    ):
+        build_config(recipe, sets=["pretrain.img_size=28"])
+    with pytest.raises(FewshotError, match=r"^--img-size must be a multiple of patch_size 8, got 30"):
+        build_config(recipe, flags={"pretrain.img_size": 30})
+    with pytest.raises(FewshotError, match="must be a multiple of patch_size 8"):
+        PretrainConfig(img_size=30, patch_size=8)  # built directly (Python API): checked at once
