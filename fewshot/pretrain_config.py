@@ -226,6 +226,13 @@ class PretrainConfig:
               log_every=at_least(1), checkpoint_every=at_least(1))  # fmt: skip
         check_across_now(self)
 
+    def resolved_input(self) -> tuple[str, int, tuple[float, ...], tuple[float, ...]]:
+        """``(model, img_size, mean, std)`` of a resolved config (:func:`fewshot.inits.resolve_pretrain` fills in
+        those left None: from ``--init``, else the scratch defaults and ImageNet's normalisation)."""
+        if self.model is None or self.img_size is None or self.mean is None or self.std is None:
+            raise ValueError("this PretrainConfig is not resolved yet; pass it through fewshot.inits.resolve_pretrain")
+        return self.model, self.img_size, self.mean, self.std
+
     def check_across(self) -> None:
         if self.patch_size is not None and self.img_size is not None and self.img_size % self.patch_size:
             raise ConfigValueError("img_size", self.img_size, f"a multiple of patch_size {self.patch_size}")

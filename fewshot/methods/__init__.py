@@ -4,9 +4,12 @@ the names imports nothing heavy; :func:`get_method` imports the class."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.methods.base import Method
 
 METHODS: dict[str, str] = {
     "dino": "fewshot.methods.dino:DINO",
@@ -14,7 +17,7 @@ METHODS: dict[str, str] = {
 }
 
 
-def get_method(name: str) -> Any:
+def get_method(name: str) -> type[Method]:
     """The :class:`fewshot.methods.base.Method` subclass registered as ``name``."""
     if name not in METHODS:
         raise FewshotError(f"unknown pretraining method '{name}'; choose one of: {', '.join(METHODS)}")

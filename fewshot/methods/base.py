@@ -20,10 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fewshot.image_store import ImageStore
+    from fewshot.inits import InitWeights
+    from fewshot.pretrain_config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Method(nn.Module):
     init_report: str = ""
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> Method:
+    def build(cls, cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None = None) -> Method:
         """Construct the method from a resolved :class:`fewshot.pretrain_config.PretrainConfig`, the run plan and
         the ``--init`` weights (a :class:`fewshot.inits.InitWeights`, or None: random initialisation)."""
         raise NotImplementedError
@@ -104,7 +109,7 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook after ``optimizer.step()`` (e.g. the momentum teacher's EMA update)."""
 
-    def on_epoch_end(self, epoch: int, run_dir: Path, images: Any, final: bool) -> None:
+    def on_epoch_end(self, epoch: int, run_dir: Path, images: ImageStore, final: bool) -> None:
         """Hook after each epoch (0-based ``epoch``; ``final`` on the last) with the run folder and every decoded
         image (a :class:`fewshot.image_store.ImageStore`), e.g. to write reconstructions or attention maps."""
 
@@ -133,7 +138,9 @@ class Method(nn.Module):
         return {}
 
 
-def create_vit(cfg: Any, drop_path_rate: float = 0.0, init: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+def create_vit(
+    cfg: PretrainConfig, drop_path_rate: float = 0.0, init: InitWeights | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The timm backbone of ``cfg`` (a resolved PretrainConfig) and the kwargs that rebuild it (for the export
     metadata); with ``init`` (:class:`fewshot.inits.InitWeights`) also the init's own timm kwargs.
 
@@ -146,27 +153,28 @@ def create_vit(cfg: Any, drop_path_rate: float = 0.0, init: Any = None) -> tuple
     from fewshot.backbones import create_model
     from fewshot.errors import FewshotError
 
+    arch, img_size, _, _ = cfg.resolved_input()
     kwargs: dict[str, Any] = dict(init.model_kwargs) if init is not None else {}
-    kwargs["img_size"] = cfg.img_size
+    kwargs["img_size"] = img_size
     if cfg.patch_size is not None:
         kwargs["patch_size"] = cfg.patch_size
     if cfg.depth is not None:
         kwargs["depth"] = cfg.depth
-    if not timm.is_model(cfg.model):
-        raise FewshotError(f"'{cfg.model}' is not a timm architecture; pass e.g. --model vit_small_patch16_224")
+    if not timm.is_model(arch):
+        raise FewshotError(f"'{arch}' is not a timm architecture; pass e.g. --model vit_small_patch16_224")
     # dynamic_img_size: the same weights take global and local crops; a CNN takes neither it nor an img_size
-    model, used = create_model(cfg.model, {**kwargs, "dynamic_img_size": True, "drop_path_rate": drop_path_rate},
+    model, used = create_model(arch, {**kwargs, "dynamic_img_size": True, "drop_path_rate": drop_path_rate},
                                hint="check --img-size etc.", optional=("dynamic_img_size", "img_size"))  # fmt: skip
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is not None and cfg.img_size % int(patch[0]):
+    if patch is not None and img_size % int(patch[0]):
         raise FewshotError(
-            f"--img-size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {int(patch[0])}; "
-            f"use e.g. --img-size {max(1, round(cfg.img_size / int(patch[0]))) * int(patch[0])} or set --patch-size"
+            f"--img-size {img_size} is not a multiple of {arch}'s patch size {int(patch[0])}; "
+            f"use e.g. --img-size {max(1, round(img_size / int(patch[0]))) * int(patch[0])} or set --patch-size"
         )
     return model, {k: v for k, v in used.items() if k not in ("dynamic_img_size", "drop_path_rate")}
 
 
-def prepare(cfg: Any, init: Any) -> tuple[Any, Any]:
+def prepare(cfg: PretrainConfig, init: InitWeights | None) -> tuple[PretrainConfig, InitWeights | None]:
     """``(cfg, init)`` ready to build from: as given when ``init`` is, else ``cfg`` resolved here (method optimiser,
     architecture and normalisation; its ``--init`` loaded), as :func:`fewshot.train.pretrain` does."""
     if init is not None:
@@ -176,7 +184,7 @@ def prepare(cfg: Any, init: Any) -> tuple[Any, Any]:
     return resolve_pretrain(cfg)
 
 
-def load_init(model: nn.Module, init: Any) -> str:
+def load_init(model: nn.Module, init: InitWeights) -> str:
     """Load the ``--init`` weights (:class:`fewshot.inits.InitWeights`) into ``model``; the missing/unexpected-key
     report of reading them and of this load, '' when both were clean."""
     from fewshot.weights import load_state

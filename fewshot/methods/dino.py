@@ -10,7 +10,7 @@ student's softmax over every pair of different views; the centre is an EMA of th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,10 @@ from fewshot.augment import MultiCrop
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init, patch_size_of, prepare
 from fewshot.pretrain_config import DinoConfig
 from fewshot.schedules import capped_steps, cosine, linear_warmup
+
+if TYPE_CHECKING:
+    from fewshot.inits import InitWeights
+    from fewshot.pretrain_config import PretrainConfig
 
 
 class DINOHead(nn.Module):
@@ -97,7 +101,7 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def resolve(cfg: Any, plan: RunPlan, adapting: bool = False) -> dict[str, Any]:
+def resolve(cfg: DinoConfig, plan: RunPlan, adapting: bool = False) -> dict[str, Any]:
     """DINO hyperparameters for this data size and run length (explicit config values always win).
 
     DINO's ImageNet recipe assumes 1.28M images and ~1250 steps per epoch. On a few thousand images the same
@@ -156,19 +160,24 @@ class Encoder(nn.Module):
 class DINO(Method):
     """Student, EMA teacher, loss and multi-crop augmentation; see :func:`resolve` for the derived values."""
 
-    def __init__(self, cfg: Any, plan: RunPlan, init: Any = None) -> None:
+    def __init__(self, cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None = None) -> None:
         super().__init__()
         d = cfg.dino
+        arch, img_size, mean, std = cfg.resolved_input()
         self.plan, self._resolved = plan, resolve(d, plan, adapting=init is not None)
         r = self._resolved
         student_backbone, self.model_kwargs = create_vit(cfg, drop_path_rate=d.drop_path_rate, init=init)
         teacher_backbone, _ = create_vit(cfg, drop_path_rate=0.0, init=init)  # drop path on the student only
         self.init_report = load_init(student_backbone, init) if init is not None else ""
-        self.architecture = cfg.model
+        self.architecture = arch
         dim = int(getattr(student_backbone, "num_features"))  # noqa: B009 (timm attribute)
-        head = {"hidden_dim": d.hidden_dim, "bottleneck_dim": d.bottleneck_dim, "norm_last_layer": d.norm_last_layer}
-        self.student = Encoder(student_backbone, DINOHead(dim, r["out_dim"], **head))
-        self.teacher = Encoder(teacher_backbone, DINOHead(dim, r["out_dim"], **head))
+        heads = [
+            DINOHead(dim, r["out_dim"], hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+                     norm_last_layer=d.norm_last_layer)
+            for _ in range(2)
+        ]  # fmt: skip
+        self.student = Encoder(student_backbone, heads[0])
+        self.teacher = Encoder(teacher_backbone, heads[1])
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.loss_fn = DINOLoss(r["out_dim"], d.student_temp, d.center_momentum)
@@ -178,17 +187,17 @@ class DINO(Method):
                                           r["warmup_teacher_temp_steps"])  # fmt: skip
         self.freeze_steps = r["freeze_last_layer_steps"]
         patch = patch_size_of(student_backbone)
-        local = d.local_crop_size or max(patch, round(cfg.img_size * 96 / 224 / patch) * patch)
+        local = d.local_crop_size or max(patch, round(img_size * 96 / 224 / patch) * patch)
         self._resolved["local_crop_size"] = local
         self.multicrop = MultiCrop(
-            cfg.img_size, local, d.local_crops, global_scale=d.global_crop_scale, local_scale=d.local_crop_scale,
+            img_size, local, d.local_crops, global_scale=d.global_crop_scale, local_scale=d.local_crop_scale,
             flip_prob=d.flip_prob, jitter_prob=d.jitter_prob, brightness=d.brightness, contrast=d.contrast,
             saturation=d.saturation, hue=d.hue, grayscale_prob=d.grayscale_prob, blur_probs=d.blur_probs,
-            blur_sigma=d.blur_sigma, solarize_prob=d.solarize_prob, mean=cfg.mean, std=cfg.std,
+            blur_sigma=d.blur_sigma, solarize_prob=d.solarize_prob, mean=mean, std=std,
         )  # fmt: skip
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> DINO:
+    def build(cls, cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None = None) -> DINO:
         cfg, init = prepare(cfg, init)
         return cls(cfg, plan, init)
 

@@ -20,7 +20,7 @@ own linear probe) rather than k-NN on the CLS token.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,11 @@ from torch import Tensor, nn
 from fewshot.augment import CROP_DRAWS, crop_boxes, full_sizes, resized_crops
 from fewshot.errors import FewshotError
 from fewshot.methods.base import Method, RunPlan, create_vit, load_init, prepare
+
+if TYPE_CHECKING:
+    from fewshot.image_store import ImageStore
+    from fewshot.inits import InitWeights
+    from fewshot.pretrain_config import PretrainConfig
 
 NORM_EPS = 1e-6  # MAE's per-patch normalisation: (x - mean) / sqrt(var + 1e-6)
 
@@ -176,21 +181,22 @@ class MAE(Method):
 
     feature_pool = "avg"  # MAE's class token is a weak frozen feature (see the module docstring)
 
-    def __init__(self, cfg: Any, plan: RunPlan, init: Any = None) -> None:
+    def __init__(self, cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None = None) -> None:
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
         m = self.mae_cfg = cfg.mae
         self.plan = plan
+        arch, img_size, mean, std = cfg.resolved_input()
         encoder, self.model_kwargs = create_vit(cfg, drop_path_rate=m.drop_path_rate, init=init)
         if not isinstance(encoder, VisionTransformer):
-            raise FewshotError(f"MAE needs a plain timm ViT (e.g. vit_base_patch16_224), not '{cfg.model}'")
-        self.architecture = cfg.model
+            raise FewshotError(f"MAE needs a plain timm ViT (e.g. vit_base_patch16_224), not '{arch}'")
+        self.architecture = arch
         self.encoder = encoder
         self.patch = int(encoder.patch_embed.patch_size[0])
-        if cfg.img_size % self.patch:
-            raise FewshotError(f"--img-size {cfg.img_size} is not a multiple of the patch size {self.patch}")
-        self.grid = (cfg.img_size // self.patch, cfg.img_size // self.patch)
+        if img_size % self.patch:
+            raise FewshotError(f"--img-size {img_size} is not a multiple of the patch size {self.patch}")
+        self.grid = (img_size // self.patch, img_size // self.patch)
         self.n_patches = self.grid[0] * self.grid[1]
         self.n_keep = int(self.n_patches * (1 - m.mask_ratio))
         if self.n_keep < 1:
@@ -206,7 +212,7 @@ class MAE(Method):
         dim = int(encoder.embed_dim)
         self.decoder = Decoder(dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.decoder_mlp_ratio, self.patch,
                                self.grid, self.prefix)  # fmt: skip
-        self.img_size, self.mean, self.std, self.seed = cfg.img_size, tuple(cfg.mean), tuple(cfg.std), cfg.seed
+        self.img_size, self.mean, self.std, self.seed = img_size, tuple(mean), tuple(std), cfg.seed
 
     def _init_encoder(self, sincos: bool) -> None:
         """MAE's initialize_weights on the timm encoder (its own init differs: truncated normal linears)."""
@@ -222,7 +228,7 @@ class MAE(Method):
             vit.pos_embed.data.copy_(sincos_2d(vit.pos_embed.shape[-1], self.grid, rows)[None])
 
     @classmethod
-    def build(cls, cfg: Any, plan: RunPlan, init: Any = None) -> MAE:
+    def build(cls, cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None = None) -> MAE:
         cfg, init = prepare(cfg, init)
         return cls(cfg, plan, init)
 
@@ -293,7 +299,7 @@ class MAE(Method):
         reconstruction = torch.where(hidden > 0, recon.clamp(0, 1), original)
         return original, masked, reconstruction
 
-    def on_epoch_end(self, epoch: int, run_dir: Path, images: Any, final: bool) -> None:
+    def on_epoch_end(self, epoch: int, run_dir: Path, images: ImageStore, final: bool) -> None:
         """Every ``mae.reconstruct_every`` epochs and at the end: RUN/reconstructions/epoch_NNNN.png."""
         from fewshot.reconstructions import write_reconstructions
 
