@@ -19,11 +19,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.distributed import Dist
+    from fewshot.image_store import ImageStore
+    from fewshot.inits import InitWeights
+    from fewshot.methods.base import Method
+    from fewshot.monitor import KnnMonitor
+    from fewshot.pretrain_config import PretrainConfig
+    from fewshot.runs import RunFolder
 
 PROBE_WARMUP = 3  # untimed steps first: allocator, kernel selection, caches
 PROBE_STEPS = 10  # timed steps; the plan uses their median (robust to a stall on a shared machine)
@@ -133,17 +142,17 @@ def saved_plan(config_json: Path) -> BudgetPlan | None:
 
 
 def measure(
-    cfg: Any,
-    run: Any,
+    cfg: PretrainConfig,
+    run: RunFolder,
     resume: bool,
-    store: Any,
+    store: ImageStore,
     per_epoch: int,
     device: torch.device,
     autocast: bool,
-    ranks: Any,
-    monitor: Any,
+    ranks: Dist,
+    monitor: KnnMonitor | None,
     started: float,
-    init: Any = None,
+    init: InitWeights | None = None,
 ) -> BudgetPlan:
     """The length of a ``--minutes`` run: the saved plan when resuming, else timed on a throwaway copy of the
     model: its optimiser steps on this data and device, and one epoch end (a checkpoint, the k-NN monitor)."""
@@ -166,8 +175,9 @@ def measure(
         t0 = clock()
         with tempfile.TemporaryDirectory(prefix=".probe-", dir=run.root) as tmp:
             probe_run = RunFolder(Path(tmp))
+            _, img_size, mean, std = cfg.resolved_input()
             save_backbone(probe_run.backbone, method.export_backbone(), method.architecture, method.model_kwargs,
-                          cfg.mean, cfg.std, cfg.img_size, {})  # fmt: skip
+                          mean, std, img_size, {})  # fmt: skip
             save_run_checkpoint(probe_run, method, opt, {"step": 0})
         epoch_end = (clock() - t0) / cfg.checkpoint_every
         if monitor is not None:
@@ -180,14 +190,14 @@ def measure(
 
 
 def probe_step(
-    cfg: Any,
-    store: Any,
+    cfg: PretrainConfig,
+    store: ImageStore,
     per_epoch: int,
     device: torch.device,
     autocast: bool = False,
     rows: slice = slice(None),
-    init: Any = None,
-) -> tuple[Any, torch.optim.Optimizer, Callable[[int], None]]:
+    init: InitWeights | None = None,
+) -> tuple[Method, torch.optim.Optimizer, Callable[[int], None]]:
     """A throwaway copy of the run's model and optimiser, and ``step(i)``: one optimiser step on a random batch of
     ``store`` (a :class:`fewshot.image_store.ImageStore`), augmentation included (what ``--minutes`` times;
     benchmarks use it too). Every parameter trains, as after an adaptation's head warm-up: the slower step.
@@ -212,6 +222,6 @@ def probe_step(
         images, sizes = store.gather(ids)  # (B / world, 3, S, S) uint8 canvases, (B / world, 2)
         gen.manual_seed(cfg.seed * 1_000_003 + i)
         batch = method.augment(images.to(device, non_blocking=True), gen, rows, b, sizes.to(device))
-        optimise(method, method, opt, params, batch, i, cfg.optim.clip_grad, autocast)
+        optimise(method, method, opt, params, batch, i, cfg.optim.clip_grad or 0.0, autocast)
 
     return method, opt, step

@@ -25,7 +25,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from torch import Tensor
 
 from fewshot import distributed
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.image_cache import Cached
 
 
 @dataclass
@@ -105,7 +108,7 @@ def _copy(pixels: Tensor, device: torch.device, chunk: int = 1024) -> Tensor:
 
 def open_store(
     images: Any, cfg: Any, ranks: distributed.Dist | None = None, progress: bool = False
-) -> tuple[ImageStore, Any]:
+) -> tuple[ImageStore, Cached | None]:
     """The images of a run at ``cfg.store_size`` (default twice ``cfg.img_size``), through the on-disk cache when
     ``images`` has a fingerprint; returns the store and the cache entry (None for images given in memory)."""
     side = store_side(cfg)

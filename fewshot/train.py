@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,12 @@ from fewshot.optimisation import build_optimizer
 from fewshot.pretrain_config import PretrainConfig
 from fewshot.runs import RunFolder, flat_keys, load_run_checkpoint, load_run_config, restore_rng
 from fewshot.schedules import capped_steps, cosine
+
+if TYPE_CHECKING:
+    from fewshot.image_cache import Cached
+    from fewshot.inits import InitWeights
+    from fewshot.monitor import KnnMonitor
+    from fewshot.pretrain_config import OptimConfig
 
 __all__ = ["PretrainResult", "load_run_config", "pretrain"]  # PretrainResult and load_run_config: defined in loop, runs
 
@@ -86,7 +92,7 @@ def pretrain(
 def _pretrain(
     images: Any,
     cfg: PretrainConfig,
-    init: Any,
+    init: InitWeights | None,
     run: RunFolder,
     progress: bool,
     device: torch.device,
@@ -199,12 +205,12 @@ def _plan(cfg: PretrainConfig, n: int) -> RunPlan:
     return RunPlan(n, cfg.batch_size, per_epoch, cfg.steps or cfg.epochs * per_epoch)
 
 
-def _build(cfg: PretrainConfig, plan: RunPlan, init: Any) -> Method:
+def _build(cfg: PretrainConfig, plan: RunPlan, init: InitWeights | None) -> Method:
     torch.manual_seed(cfg.seed)  # model initialisation, the same on every rank
     return get_method(cfg.method).build(cfg, plan, init)
 
 
-def _report_store(store: ImageStore, cached: Any) -> None:
+def _report_store(store: ImageStore, cached: Cached | None) -> None:
     """Rank 0's lines about the images: unreadable ones skipped (as when listing), and the cache entry used."""
     if store.skipped:
         first = f"{store.skipped[0]['path']}: {store.skipped[0]['reason']}"
@@ -214,7 +220,7 @@ def _report_store(store: ImageStore, cached: Any) -> None:
         log.info(f"{len(store)} images at {store.side} px {how} the image cache {cached.path}")
 
 
-def _monitor(cfg: PretrainConfig, init: Any, progress: bool) -> Any:
+def _monitor(cfg: PretrainConfig, init: InitWeights | None, progress: bool) -> KnnMonitor | None:
     """The k-NN monitor of ``--monitor`` (images decoded once, now, as evaluate decodes them), or None."""
     if cfg.monitor is None:
         if cfg.monitor_test is not None:
@@ -225,14 +231,15 @@ def _monitor(cfg: PretrainConfig, init: Any, progress: bool) -> Any:
 
     assert cfg.img_size is not None and cfg.mean is not None and cfg.std is not None  # resolved
     pool = cfg.monitor_pool or get_method(cfg.method).feature_pool
+    transform = eval_transform(init.data if init is not None else None)  # the init's, so step 0 reads it as evaluate
     monitor = KnnMonitor.from_source(cfg.monitor, cfg.img_size, cfg.mean, cfg.std, pool=pool, progress=progress,
-                                     test=cfg.monitor_test, **eval_transform(init and init.data))  # fmt: skip
+                                     test=cfg.monitor_test, **transform)  # fmt: skip
     if monitor.note:
         log.info(f"--monitor: {monitor.note}")
     return monitor
 
 
-def _warmup_steps(optim: Any, per_epoch: int, total: int) -> int:
+def _warmup_steps(optim: OptimConfig, per_epoch: int, total: int) -> int:
     """Explicit steps, else explicit epochs, else 10 epochs capped at 10% of the run (small data: short runs)."""
     if optim.warmup_steps is not None:
         return min(int(optim.warmup_steps), total)
