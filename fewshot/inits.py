@@ -50,7 +50,8 @@ class InitWeights:
 
 def resolve_init(spec: str) -> InitWeights:
     """Load ``spec`` with :func:`fewshot.backbones.load_backbone` and read off what a run needs from it."""
-    from fewshot.backbones import absolute_spec, load_backbone, parse_spec
+    from fewshot.backbones import load_backbone
+    from fewshot.specs import absolute_spec, parse_spec
 
     parsed = parse_spec(spec)
     if parsed.kind in ("pixels", "timm"):
@@ -122,7 +123,7 @@ def eval_transform(data: dict[str, Any] | None) -> dict[str, Any]:
 
 def started_from(spec: str) -> str | None:
     """The sha256 of the weights that the run or backbone file ``spec`` started from (its metadata), or None."""
-    from fewshot.backbones import parse_spec
+    from fewshot.specs import parse_spec
 
     try:
         parsed = parse_spec(spec)

@@ -6,6 +6,9 @@ ends writes ``metrics.jsonl``, the progress line, the k-NN monitor, the method's
 A non-finite loss stops the run with the step it happened at; the adaptation guard (:mod:`fewshot.adapt`) freezes
 and ramps the backbone of a run that started from weights; under torchrun the model is wrapped in
 DistributedDataParallel and every logged value is averaged over the processes.
+
+A little past the project's 300 lines: the loop, its log and epoch-end pieces and the run's summary share one
+object's state (the schedules, the tallies, the monitor, the run folder), and read best together.
 """
 
 from __future__ import annotations

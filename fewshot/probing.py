@@ -68,8 +68,8 @@ def probe(
     and the ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is
     first checked against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
     """
-    from fewshot.backbones import absolute_spec
     from fewshot.outputs import check_folder, folder_lock
+    from fewshot.specs import absolute_spec
 
     cfg = cfg or Config()
     out = check_folder(out)  # before any extraction
@@ -152,10 +152,11 @@ def predict(
     The backbone is the one recorded in the head; if its weights changed since the head was fitted (the file was
     retrained or replaced), this refuses unless ``allow_backbone_change``. Returns :class:`Predictions`.
     """
-    from fewshot.backbones import load_backbone, spec_base
+    from fewshot.backbones import load_backbone
     from fewshot.features import extract_features
     from fewshot.heads.io import load_head
     from fewshot.outputs import check_file, write_atomically
+    from fewshot.specs import spec_base
 
     if out is not None:
         out = check_file(out)  # before any extraction

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fewshot.backbones import load_backbone, parse_spec
+from fewshot.backbones import load_backbone
 from fewshot.errors import FewshotError
+from fewshot.specs import parse_spec
 from tests.conftest import TINY_VIT
 
 ARCH = "vit_tiny_patch16_224"

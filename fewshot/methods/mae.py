@@ -9,7 +9,8 @@ token, FIXED 2-D sin-cos position embeddings, timm ``Block``s, a linear map to p
 sequence and predicts every patch; the loss is the MSE on the masked patches only, against targets normalised per
 patch (``norm_pix_loss``: mean 0, variance 1 with eps 1e-6, as the paper's code). As in the paper's code the
 encoder's position embeddings are fixed sin-cos too (``fixed_pos_embed``) and every linear layer is
-Xavier-uniform initialised. The exported backbone is the encoder alone, a plain timm model.
+Xavier-uniform initialised. The exported backbone is the encoder alone, a plain timm model. The method, its
+decoder, masking, loss and reconstructions stay in one module past 300 lines, as models_mae.py keeps them.
 
 Frozen features are MAE's weak point: it is built to be fine-tuned, and its CLS token in particular is a poor
 frozen descriptor (lightly's ImageNet benchmark: MAE ViT-B/16 11.2% k-NN top-1 vs DINO ViT-S/16 67.5%). For MAE
