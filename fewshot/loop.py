@@ -96,15 +96,9 @@ class TrainingLoop:
         self.lr, self.wd, self.device, self.autocast, self.progress = lr, wd, device, autocast, progress
         self.ranks, self.monitor, self.init = ranks, monitor, init
         o = cfg.optim  # values the config leaves None are resolved before the loop (fewshot.inits.resolve_pretrain)
-        assert o.clip_grad is not None and o.lr is not None and cfg.img_size is not None
-        assert cfg.mean is not None and cfg.std is not None
-        self.clip_grad, self.base_lr, self.img_size, self.mean, self.std = (
-            o.clip_grad,
-            o.lr,
-            cfg.img_size,
-            cfg.mean,
-            cfg.std,
-        )
+        assert o.clip_grad is not None and o.lr is not None
+        self.clip_grad, self.base_lr = o.clip_grad, o.lr
+        _, self.img_size, self.mean, self.std = cfg.resolved_input()
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.writer = _tensorboard(run.tensorboard) if ranks.main else None
         self.guard = adapt.Guard(method, guard)

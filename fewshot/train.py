@@ -102,8 +102,8 @@ def _pretrain(
     notes: dict[str, Any],
 ) -> PretrainResult:
     out = run.root
-    assert cfg.img_size is not None  # resolved (fewshot.inits.resolve_pretrain), as every optim value
-    o: Any = cfg.optim
+    o = cfg.optim  # resolved (fewshot.inits.resolve_pretrain): the method's values where the config left None
+    assert o.lr is not None and o.min_lr is not None and o.weight_decay is not None and o.weight_decay_end is not None
     with distributed.together():  # every setting is checked before any image is read
         resume = run.has_checkpoint()
         if resume:
@@ -229,10 +229,10 @@ def _monitor(cfg: PretrainConfig, init: InitWeights | None, progress: bool) -> K
     from fewshot.inits import eval_transform
     from fewshot.monitor import KnnMonitor
 
-    assert cfg.img_size is not None and cfg.mean is not None and cfg.std is not None  # resolved
+    _, img_size, mean, std = cfg.resolved_input()
     pool = cfg.monitor_pool or get_method(cfg.method).feature_pool
     transform = eval_transform(init.data if init is not None else None)  # the init's, so step 0 reads it as evaluate
-    monitor = KnnMonitor.from_source(cfg.monitor, cfg.img_size, cfg.mean, cfg.std, pool=pool, progress=progress,
+    monitor = KnnMonitor.from_source(cfg.monitor, img_size, mean, std, pool=pool, progress=progress,
                                      test=cfg.monitor_test, **transform)  # fmt: skip
     if monitor.note:
         log.info(f"--monitor: {monitor.note}")
