@@ -184,32 +184,3 @@ def _in_workers(
             if on_progress:
                 on_progress(len(done))
     return results
-
-
-def decode_squares(images: Any, size: int, progress: bool = False) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """The evaluation view of every image (the exported backbone's transform: shorter side resized to ``size``,
-    bicubic, centre square), in one process: ``(N, 3, size, size)`` uint8 and the skipped images. For small
-    labelled sets (the k-NN monitor)."""
-    from fewshot.errors import FewshotError
-    from fewshot.images import UnreadableImage
-    from fewshot.progress import bar
-
-    n = len(images)
-    out = np.empty((n, 3, size, size), dtype=np.uint8)
-    kept, skipped = 0, []
-    for i in bar(range(n), desc="decoding", unit="img", disable=not progress or n < 500):
-        try:
-            img = load(images, i).convert("RGB")
-        except (UnreadableImage, OSError) as exc:
-            skipped.append({"path": record_name(images, i), "reason": str(exc)})
-            continue
-        w, h = img.size
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out[kept] = np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
-        kept += 1
-    if kept == 0:
-        raise FewshotError(f"none of the {n} images could be read; check the data source")
-    return out[:kept], skipped

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.decoding import decode_squares, decode_to_file, fit
-from fewshot.errors import FewshotError
+from fewshot.decoding import decode_to_file, fit
 from fewshot.images import load_rgb
 from fewshot.sources import open_source
 
@@ -83,28 +82,6 @@ def test_jpeg_draft_mode_decodes_large_photos_smaller_and_nearly_the_same(tmp_pa
     assert load_rgb(tmp_path / "big.jpg", draft=2000).size == (1024, 768)  # never enlarged
     _photo(1024, 768).save(tmp_path / "big.png")
     assert load_rgb(tmp_path / "big.png", draft=200).size == (1024, 768)  # JPEG only
-
-
-def test_decode_squares_gives_centre_squares_and_lists_unreadable_images() -> None:
-    from fewshot.images import UnreadableImage
-
-    class Rec:
-        def __init__(self, img: Image.Image | None) -> None:
-            self.img, self.name = img, "broken.jpg"
-
-        def load(self) -> Image.Image:
-            if self.img is None:
-                raise UnreadableImage("corrupt")
-            return self.img
-
-    wide = Image.new("RGB", (60, 30), (255, 0, 0))
-    wide.paste((0, 0, 255), (0, 0, 15, 30))  # a blue left quarter, outside the centre square
-    squares, skipped = decode_squares([Rec(wide), Rec(None), Rec(Image.new("L", (20, 40), 128))], 16)
-    assert squares.shape == (2, 3, 16, 16)
-    assert squares[0, 0].min() > 200 and squares[0, 2].max() < 60  # red only: the blue quarter was cropped
-    assert skipped == [{"path": "broken.jpg", "reason": "corrupt"}]
-    with pytest.raises(FewshotError, match="none of the 1 images"):
-        decode_squares([Rec(None)], 8)
 
 
 def test_workers_that_cannot_start_fall_back_to_this_process_with_a_warning(folder: Path, tmp_path: Path, monkeypatch,
