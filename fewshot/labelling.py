@@ -65,7 +65,7 @@ def _select_images(
     images: str | Path, out: Path, cfg: Config, exclude: str | Path | None, files: str, progress: bool
 ) -> Selection:
     from fewshot.features import extract_features
-    from fewshot.outputs import write_atomically
+    from fewshot.outputs import write_csv
     from fewshot.selection import STRATEGIES, select
     from fewshot.sources import open_source
 
@@ -90,7 +90,8 @@ def _select_images(
         }
         for rank, (i, c, s) in enumerate(zip(picked.indices, picked.clusters, picked.scores, strict=True), start=1)
     ]
-    write_atomically(out / "selection.csv", lambda tmp: _write_csv(tmp, rows))
+    scored = ({**r, "score": f"{r['score']:.6g}" if r["score"] != "" else ""} for r in rows)
+    write_csv(out / "selection.csv", ["path", "rank", "cluster", "score"], scored)
     by_name = {rec.name: i for i, rec in enumerate(source.records)}
     chosen = [by_name[r["path"]] for r in rows]
     sheets = _contact_sheets(source, chosen, rows, out / SHEET)
@@ -99,13 +100,6 @@ def _select_images(
     save_config(cfg, out / "config.json", command="select", images=str(images), exclude=str(exclude or ""))
     return Selection(rows, scfg.strategy, int(mask.sum()), int((~mask).sum()), picked.details,
                      out / "selection.csv", sheets, feats.skipped)  # fmt: skip
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "rank", "cluster", "score"])
-        writer.writeheader()
-        writer.writerows({**r, "score": f"{r['score']:.6g}" if r["score"] != "" else ""} for r in rows)
 
 
 def _excluded(source: Any, exclude: str | Path) -> set[str]:

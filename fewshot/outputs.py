@@ -15,10 +15,11 @@ normal file mode, and one writer per output folder.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,18 @@ def save_tensors(
 def write_text(path: str | Path, text: str) -> Path:
     """:func:`write_atomically` for UTF-8 text."""
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_csv(path: str | Path, fields: list[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """:func:`write_atomically` for a CSV with a header row (UTF-8; file names that are not valid UTF-8 kept)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomically(path, write)
 
 
 def _fsync_folder(folder: Path) -> None:

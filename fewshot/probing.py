@@ -9,7 +9,6 @@ would silently no longer match.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +154,7 @@ def predict(
     from fewshot.backbones import load_backbone
     from fewshot.features import extract_features
     from fewshot.heads.io import load_head
-    from fewshot.outputs import check_file, write_atomically
+    from fewshot.outputs import check_file, write_csv
     from fewshot.specs import spec_base
 
     if out is not None:
@@ -188,12 +187,5 @@ def predict(
         for path, b, p in zip(feats.paths, best, proba, strict=True)
     ]
     if out is not None:
-        write_atomically(out, lambda tmp: _write_csv(tmp, rows))
+        write_csv(out, ["path", "label", "score"], ({**r, "score": f"{r['score']:.6f}"} for r in rows))
     return Predictions(rows, feats.skipped)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "score"])
-        writer.writeheader()
-        writer.writerows({**r, "score": f"{r['score']:.6f}"} for r in rows)
