@@ -70,7 +70,7 @@ def train(data: Path, recipe: dict[str, Any], out: Path) -> float:
 
     t0 = time.perf_counter()
     print(f"== {out.name}", flush=True)
-    pretrain(open_source(data), apply(PretrainConfig(), recipe, source="benchmark"), out, progress=False)
+    pretrain(open_source(data), out, apply(PretrainConfig(), recipe, source="benchmark"), progress=False)
     return time.perf_counter() - t0
 
 

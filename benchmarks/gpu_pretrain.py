@@ -113,7 +113,7 @@ def end_to_end(data: Path | None, batch: int, steps: int, compile_: bool) -> flo
         side = int(SETUP["store"])  # type: ignore[call-overload]
         images = torch.randint(0, 255, (max(batch * 2, 512), 3, side, side), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as run:
-        pretrain(images, config(batch, steps + 10, compile_), Path(run), progress=False)
+        pretrain(images, Path(run), config(batch, steps + 10, compile_), progress=False)
         lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in lines if r["kind"] == "step"][2:]  # first logs include compilation
     return len(rates) / sum(1 / r for r in rates)

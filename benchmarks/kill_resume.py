@@ -38,7 +38,7 @@ cfg = PretrainConfig(
     log_every=1, checkpoint_every=1, device="cpu",
     dino=DinoConfig(local_crops=2, hidden_dim=32, bottleneck_dim=16, out_dim=64),
 )
-pretrain(img.round().to(torch.uint8), cfg, sys.argv[1], progress=False)
+pretrain(img.round().to(torch.uint8), sys.argv[1], cfg, progress=False)
 """
 
 

@@ -130,7 +130,7 @@ def ours_end_to_end(data: Path, steps: int) -> float:
 
     cfg = _config(steps + 3)
     with tempfile.TemporaryDirectory() as run:
-        pretrain(open_source(data), cfg, Path(run), progress=False)
+        pretrain(open_source(data), Path(run), cfg, progress=False)
         lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     # skip 2 warm-up steps and the last, which also writes the final checkpoint (a real run writes one per epoch)
     rates = [r["images_per_s"] for r in lines if r["kind"] == "step"][2:-1]

@@ -75,6 +75,7 @@ def run_attention(
     images: str | Path,
     out: str | Path,
     cfg: Config | None = None,
+    *,
     backbone: str | Backbone | None = None,
     masks: str | Path | None = None,
     progress: bool = True,

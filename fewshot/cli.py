@@ -15,11 +15,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.evaluation import Report
 
 app = typer.Typer(
     name="fewshot",
@@ -266,7 +269,7 @@ def pretrain(
         notes["auto_recipe"] = choice.record()
         if _leader():
             typer.echo(choice.line())
-    run(images, cfg, out, progress=not quiet and _leader(), notes=notes)
+    run(images, out, cfg, progress=not quiet and _leader(), notes=notes)
     if _leader():
         typer.echo(f"run folder {out}: use it as a backbone, e.g. fewshot evaluate TRAIN TEST -b {out} -b pixels")
 
@@ -606,7 +609,7 @@ def _echo_overlaps(overlaps: list[dict[str, str]]) -> None:
         typer.secho(f"warning: {len(overlaps)} TEST image(s) also in TRAIN or the pool: {shown}{more}", fg="yellow")
 
 
-def _print_report(report: dict[str, Any], out: Path) -> None:
+def _print_report(report: Report, out: Path) -> None:
     from fewshot.report import few_seeds_note, interval
 
     _echo_skips(report.get("skipped", []))

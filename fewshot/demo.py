@@ -152,7 +152,7 @@ def run_demo(out: Path, cfg: Config | None = None, pretrain: bool = True, progre
         cfg = dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, unlabeled=str(folders["unlabeled"])))
     unlabeled = open_source(folders["unlabeled"])
     t0 = time.perf_counter()
-    trained = train(unlabeled, cfg, run, progress=progress) if run is not None else None
+    trained = train(unlabeled, run, cfg, progress=progress) if run is not None else None
     t1 = time.perf_counter()
     report = evaluate(folders["train"], folders["test"], cfg=cfg, out=out / "evaluation", progress=progress)
     t2 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -23,6 +24,32 @@ from fewshot.errors import FewshotError
 from fewshot.features import Features
 
 
+class Report(TypedDict):
+    """What :func:`evaluate` returns and ``report.json`` holds (rows are plain JSON objects)."""
+
+    classes: list[str]
+    train_images: int
+    test_images: int
+    test_per_class: list[int]  # TEST images per class, in ``classes`` order
+    backbones: list[str]
+    heads: list[str]
+    select: list[str]
+    shots: list[int]
+    seeds: int
+    headline: list[str]  # the comparisons that lead the report, as sentences
+    references: dict[str, str]  # backbone -> the backbone it is compared with
+    comparisons: list[dict[str, Any]]  # paired differences (fewshot.comparisons)
+    pool: dict[str, Any]  # the unlabeled pool's source and size
+    results: list[dict[str, Any]]  # one row per backbone x head x selection x shot count: mean, CI, per seed
+    full_knn: list[dict[str, Any]]  # each backbone's k-NN with every TRAIN label
+    best: dict[str, Any] | None  # the best row at the largest shot count, with per-class accuracy
+    skipped: list[dict[str, str]]
+    skipped_count: int
+    backbone_notes: dict[str, str]  # warnings that travel with a backbone, e.g. an unfinished run
+    overlaps: list[dict[str, str]]  # TEST images also in TRAIN or the pool, allowed by --allow-overlap
+    overlap_count: int
+
+
 def build_report(
     rows: list[dict],
     feats: dict[str, tuple[Features, Features]],
@@ -30,7 +57,7 @@ def build_report(
     references: Mapping[str, str] | None = None,
     overlaps: list[dict] | None = None,
     unlabeled: dict[str, Features] | None = None,
-) -> dict:
+) -> Report:
     """The report dict (what ``report.json`` holds) from :func:`run_episodes` rows and the features used.
 
     ``references`` maps a backbone to the backbone it is compared with, paired by seed (default: every backbone
@@ -96,7 +123,6 @@ def build_report(
         "best": best,
         "skipped": skipped,
         "skipped_count": len(skipped),
-        # warnings that travel with a backbone's features, e.g. an unfinished pretraining run
         "backbone_notes": {b: f[0].meta["backbone_note"] for b, f in feats.items() if f[0].meta.get("backbone_note")},
         "overlaps": overlaps or [],
         "overlap_count": len(overlaps or []),
@@ -106,20 +132,32 @@ def build_report(
 def evaluate(
     train: str | Path,
     test: str | Path,
-    backbones: list[str] | None = None,
+    out: str | Path | None = None,
     cfg: Config | None = None,
-    out: Path | None = None,
-    progress: bool = True,
+    *,
+    backbones: list[str] | None = None,
     references: Mapping[str, str] | None = None,
-) -> dict:
-    """Few-shot label-efficiency evaluation of ``backbones`` on a labelled TRAIN/TEST pair; returns the report.
+    progress: bool = True,
+) -> Report:
+    """Few-shot label-efficiency evaluation of backbones on a labelled TRAIN/TEST pair.
 
-    ``train`` and ``test`` are data sources as :func:`fewshot.features.extract_features` accepts them
-    (e.g. ImageFolder directories). ``backbones`` overrides ``cfg.evaluate.backbones``. ``references`` adds
-    ``{backbone: reference backbone}`` pairs to the paired comparisons (by default every backbone is compared with
-    ``cfg.evaluate.reference``, else pixels). Before any extraction, TEST is checked against TRAIN and the
-    unlabeled pool by file content (:mod:`fewshot.leakage`). With ``out``, writes ``report.json``, ``report.md``,
-    ``label_efficiency.png`` and the resolved ``config.json`` there.
+    Parameters
+    ----------
+    train, test : labelled images, any data sources :func:`fewshot.sources.open_source` accepts (TEST's classes a
+        subset of TRAIN's). Before any extraction TEST is checked against TRAIN and the unlabeled pool by file
+        content (:mod:`fewshot.leakage`).
+    out : a folder for ``report.json``, ``report.md``, the plots and the resolved ``config.json``; None: no files.
+    cfg : ``cfg.evaluate`` (backbones, shots, seeds, heads, selection strategies, reference), ``cfg.heads``,
+        ``cfg.extract``, ``cfg.pool``; defaults when None.
+    backbones : override ``cfg.evaluate.backbones``.
+    references : extra ``{backbone: reference backbone}`` pairs for the paired comparisons (by default every
+        backbone is compared with ``cfg.evaluate.reference``, else pixels).
+    progress : show progress bars.
+
+    Returns
+    -------
+    Report : the report (what ``report.json`` holds): accuracy with 95% intervals per backbone × head × selection ×
+    shot count, the paired comparisons and the sentences that lead with them.
     """
     from fewshot.outputs import check_folder, folder_lock
 
@@ -143,7 +181,7 @@ def _evaluate(
     out: Path | None,
     progress: bool,
     references: Mapping[str, str] | None,
-) -> dict:
+) -> Report:
     from fewshot.comparisons import backbone_references
     from fewshot.config import save_config
     from fewshot.features import extract_features

@@ -1,8 +1,6 @@
 """Frozen features: stream images through a backbone, pool its tokens, cache the result as safetensors.
 
-Pooling follows DINO's evaluation protocol (Caron et al. 2021): ``cls`` is the final class token, ``avg`` the
-mean of the patch tokens (prefix tokens excluded), ``cls+avg`` their concatenation, and ``lastN`` the class
-tokens of the last N blocks, each layer-normed, concatenated (DINO used N=4 for ViT-S linear probes).
+How the tokens become one vector per image (``cls``, ``avg``, ``cls+avg``, ``lastN``) is :mod:`fewshot.pooling`.
 
 The file format is part of the contract: tensors ``features`` (N x D float32) and ``labels`` (N int64, -1 when
 unlabelled); string metadata ``classes``, ``paths``, ``skipped`` (JSON lists), ``backbone``, ``weights_sha256``,
@@ -22,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fewshot.config import Config, ExtractConfig, save_config
-from fewshot.config_rules import POOL_PATTERN
 from fewshot.errors import FewshotError
+from fewshot.pooling import check_pool, check_pool_for, embed
 
 if TYPE_CHECKING:
     import torch
@@ -32,8 +30,6 @@ if TYPE_CHECKING:
     from fewshot.backbones import Backbone
     from fewshot.distributed import Dist
     from fewshot.sources import ImageSet
-
-TimmModel = Any  # a timm model: forward_features, num_prefix_tokens, blocks... are read by name (timm's vocabulary)
 
 CACHE_VERSION = "2"  # 2: the data fingerprint covers class names and skipped files
 
@@ -55,13 +51,28 @@ class Features:
 
 def extract(
     data: str | Path,
-    backbone: str | None = None,
     out: str | Path | None = None,
-    pool: str | None = None,
     cfg: Config | None = None,
+    *,
+    backbone: str | None = None,
+    pool: str | None = None,
     progress: bool = True,
 ) -> Features:
-    """Python twin of ``fewshot extract``: features of every image in ``data``; written to ``out`` if given."""
+    """Python twin of ``fewshot extract``: frozen features of every readable image in ``data``.
+
+    Parameters
+    ----------
+    data : any data source :func:`fewshot.sources.open_source` accepts (labels are kept when it has them).
+    out : a ``.safetensors`` file to write (with the resolved config beside it); None: only return them.
+    cfg : ``cfg.extract`` says how (backbone, pool, batch size, device, cache); defaults when None.
+    backbone, pool : override ``cfg.extract.backbone`` / ``cfg.extract.pool``.
+    progress : show a progress bar.
+
+    Returns
+    -------
+    Features : (N, D) features, labels, classes, paths, the skipped files and the backbone's metadata; computed
+    once per backbone + data + transform + pool, then read from the cache.
+    """
     from fewshot import distributed
     from fewshot.outputs import check_file
 
@@ -120,12 +131,6 @@ def extract_features(
     if backbone.note:
         feats.meta["backbone_note"] = backbone.note
     return feats
-
-
-def check_pool(pool: str) -> None:
-    """A pool name from a backbone spec's ``:pool=`` (the config's own is checked when it is built)."""
-    if POOL_PATTERN.fullmatch(pool) is None:
-        raise FewshotError(f"unknown pool '{pool}'; use cls, avg, cls+avg or lastN with N ≥ 1 (e.g. last4)")
 
 
 # ---------------------------------------------------------------------------------------------- computing
@@ -220,39 +225,6 @@ def _collate(
     bad = [dict(zip(("path", "reason"), why.split("\0", 1), strict=True)) for x, _, why in items if x is None]
     x = torch.stack([g[0] for g in good]) if good else None
     return x, [g[1] for g in good], bad
-
-
-def check_pool_for(model: TimmModel | None, pool: str) -> None:
-    """Refuse (one line, before any image is read) a pooling the model cannot give; ``model`` None is pixels."""
-    if model is None:
-        return
-    has_cls = getattr(model, "cls_token", None) is not None
-    if pool.startswith("last"):
-        depth = len(getattr(model, "blocks", [])) if hasattr(model, "forward_intermediates") else 0
-        if depth == 0 or not has_cls:
-            raise FewshotError(f"pool {pool} needs a ViT with a class token and blocks; use --pool avg")
-        if int(pool[4:]) > depth:
-            raise FewshotError(f"pool {pool} asks for {pool[4:]} blocks but the model has {depth}; use last{depth}")
-    elif pool != "avg" and not has_cls:
-        raise FewshotError(f"this backbone has no class token; use --pool avg instead of {pool}")
-
-
-def embed(model: TimmModel, x: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pool a timm model's tokens into one vector per image: (B, 3, H, W) -> (B, D)."""
-    import torch
-
-    check_pool_for(model, pool)
-    if pool.startswith("last"):
-        n = int(pool[4:])
-        outs = model.forward_intermediates(x, indices=n, return_prefix_tokens=True, norm=True, intermediates_only=True)
-        return torch.cat([prefix[:, 0] for _, prefix in outs], dim=1)  # (B, n * D)
-    tokens = model.forward_features(x)
-    if tokens.ndim == 4:  # a CNN: (B, C, h, w) has no class token (check_pool_for allowed only avg)
-        return tokens.mean(dim=(2, 3))  # (B, C)
-    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    cls = tokens[:, 0]  # (B, D)
-    avg = tokens[:, n_prefix:].mean(dim=1)  # (B, D), prefix (class/register) tokens excluded
-    return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], dim=1)}[pool]
 
 
 # ---------------------------------------------------------------------------------------------- files & cache

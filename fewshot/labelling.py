@@ -45,14 +45,26 @@ def select_images(
     images: str | Path,
     out: str | Path,
     cfg: Config | None = None,
+    *,
     exclude: str | Path | None = None,
     files: str = "none",
     progress: bool = True,
 ) -> Selection:
-    """Choose ``cfg.select.budget`` images of ``images`` to label with ``cfg.select.strategy``; write the outputs.
+    """Choose ``cfg.select.budget`` images of ``images`` to label with ``cfg.select.strategy``; labels are never read.
 
-    ``files`` is ``none``, ``copy`` or ``link`` (symbolic links) for ``out/images``. ``out`` is checked before any
-    work and held by one command at a time.
+    Parameters
+    ----------
+    images : the unlabeled pool, any data source :func:`fewshot.sources.open_source` accepts.
+    out : a folder for ``selection.csv`` and the contact sheet; checked before any work, held by one command at a
+        time.
+    cfg : ``cfg.select`` (strategy, budget, seed, classes) and ``cfg.extract`` (backbone); defaults when None.
+    exclude : already labelled images (a folder, or a CSV such as an earlier ``selection.csv``): never chosen.
+    files : ``none``, ``copy`` or ``link`` (symbolic links): put the chosen images in ``out/images``.
+    progress : show progress bars.
+
+    Returns
+    -------
+    Selection : the chosen rows (path, rank, cluster, score) and the files written.
     """
     from fewshot.outputs import check_folder, folder_lock
 

@@ -25,52 +25,28 @@ from fewshot.errors import FewshotError
 
 
 def knn_vote(
-    features: torch.Tensor,
+    support: torch.Tensor,
     labels: torch.Tensor,
+    queries: torch.Tensor | None = None,
+    *,
     k: int = 20,
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """Leave-one-out weighted k-NN predictions, DINO's vote: each row's ``k`` most cosine-similar *other* rows
-    vote for their label with weight ``exp(sim / temperature)``; the class with the largest total wins (ties: the
-    lowest class index). ``features`` (N, D) need not be normalised; rows are scored ``chunk`` at a time so the
-    similarity matrix never exceeds (chunk, N). Returns the predicted labels (N,) int64."""
-    n = features.shape[0]
-    if not 1 <= k < n:
+    """DINO's weighted k-NN vote: the ``k`` most cosine-similar ``support`` rows (N, D) vote for their ``labels``
+    (N,) with weight ``exp(sim / temperature)``; the class with the largest total wins (ties: the lowest class
+    index). ``queries`` (Q, D) are scored against the support; without them the support is scored leave-one-out,
+    each row against all the *other* rows. Features need not be normalised; rows are scored ``chunk`` at a time so
+    the similarity matrix never exceeds (chunk, N). Returns the predicted labels (Q,) or (N,) int64."""
+    n = support.shape[0]
+    leave_one_out = queries is None
+    if leave_one_out and not 1 <= k < n:
         raise ValueError(f"k={k} must be between 1 and N-1={n - 1} for a leave-one-out vote")
-    return _vote(features, labels, features, k, temperature, num_classes, chunk, leave_one_out=True)
-
-
-def knn_predict(
-    support: torch.Tensor,
-    labels: torch.Tensor,
-    queries: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk: int = 256,
-) -> torch.Tensor:
-    """DINO's weighted vote for ``queries`` (Q, D) among ``support`` (N, D) with ``labels`` (N,): the ``k`` most
-    cosine-similar support rows vote ``exp(sim / temperature)`` for their label. Returns (Q,) int64."""
-    return _vote(support, labels, queries, min(k, support.shape[0]), temperature, num_classes, chunk)
-
-
-def _vote(
-    support: torch.Tensor,
-    labels: torch.Tensor,
-    queries: torch.Tensor,
-    k: int,
-    temperature: float,
-    num_classes: int | None,
-    chunk: int,
-    leave_one_out: bool = False,
-) -> torch.Tensor:
-    """The vote of :func:`knn_predict`; with ``leave_one_out`` the queries are the support itself, row for row,
-    and a row is never its own neighbour."""
+    k = min(k, n)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     sup = torch.nn.functional.normalize(support.float(), dim=1)  # (N, D), unit rows: dot product = cosine
-    qry = sup if leave_one_out else torch.nn.functional.normalize(queries.float(), dim=1)  # (Q, D)
+    qry = sup if queries is None else torch.nn.functional.normalize(queries.float(), dim=1)  # (Q, D)
     labels = labels.to(sup.device, torch.long)  # (N,)
     preds = torch.empty(qry.shape[0], dtype=torch.long, device=sup.device)  # (Q,)
     for start in range(0, qry.shape[0], chunk):
@@ -138,7 +114,7 @@ class KnnMonitor:
         likewise ``test``, scored against ``source`` instead of leave-one-out. ``k`` larger than the support allows
         is lowered (see ``note``). Raises :class:`FewshotError` when a source is missing, unlabelled, has fewer than
         2 classes, or ``test`` has classes ``source`` lacks."""
-        from fewshot.features import check_pool
+        from fewshot.pooling import check_pool
 
         check_pool(pool)
         if k < 1 or temperature <= 0:
@@ -182,20 +158,19 @@ class KnnMonitor:
         try:
             with torch.no_grad():
                 feats = self._embed(backbone, self.images, device, use_bf16)  # (N, D)
-                if self.test is None:
-                    preds = knn_vote(feats, self.labels, self.k, self.temperature, len(self.classes))  # (N,)
-                    truth = self.labels
-                else:
-                    queries = self._embed(backbone, self.test[0], device, use_bf16)  # (M, D)
-                    preds = knn_predict(feats, self.labels, queries, self.k, self.temperature, len(self.classes))
-                    truth = self.test[1]
+                queries, truth = None, self.labels  # leave-one-out
+                if self.test is not None:
+                    queries, truth = self._embed(backbone, self.test[0], device, use_bf16), self.test[1]  # (M, D)
+                preds = knn_vote(  # (N,) or (M,)
+                    feats, self.labels, queries, k=self.k, temperature=self.temperature, num_classes=len(self.classes)
+                )
         finally:
             for module, training in modes:
                 module.training = training
         return {"knn_top1": int((preds.cpu() == truth).sum()) / len(truth)}  # exact, as evaluate counts
 
     def _embed(self, backbone: torch.nn.Module, images: torch.Tensor, device: torch.device, bf16: bool) -> torch.Tensor:
-        from fewshot.features import embed
+        from fewshot.pooling import embed
 
         mean, std = self.mean.to(device), self.std.to(device)
         chunks = []

@@ -56,16 +56,28 @@ class Predictions:
 def probe(
     train: str | Path,
     out: str | Path,
-    test: str | Path | None = None,
     cfg: Config | None = None,
+    *,
+    test: str | Path | None = None,
     progress: bool = True,
 ) -> ProbeResult:
     """Fit ``cfg.probe.head`` on ``cfg.probe.shots`` labels per class of ``train``; save it to ``out``.
 
-    Returns a :class:`ProbeResult`: the head, support size, chosen hyperparameters and, with ``test``, its
-    accuracy. A pool head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support
-    and the ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`). With ``test``, TEST is
-    first checked against TRAIN and the pool by file content (:mod:`fewshot.leakage`).
+    Parameters
+    ----------
+    train : labelled images, any data source :func:`fewshot.sources.open_source` accepts.
+    out : the head's folder (``head.safetensors`` + ``head.json`` + ``config.json``), for :func:`predict`.
+    cfg : ``cfg.probe`` (head, shots, seed), ``cfg.heads`` (its hyperparameters), ``cfg.extract`` (backbone),
+        ``cfg.pool`` (the unlabeled pool); defaults when None.
+    test : labelled images to score the fitted head on; first checked against TRAIN and the pool by file content
+        (:mod:`fewshot.leakage`).
+    progress : show progress bars.
+
+    Returns
+    -------
+    ProbeResult : the head's name, support size, chosen hyperparameters and, with ``test``, its accuracy. A pool
+    head (``spread``, ``selftrain``, ``HEAD+center``) also gets TRAIN's images outside the support and the
+    ``cfg.pool.unlabeled`` images as unlabeled pool (:mod:`fewshot.unlabeled`).
     """
     from fewshot.outputs import check_folder, folder_lock
     from fewshot.specs import absolute_spec
@@ -140,16 +152,25 @@ def predict(
     images: str | Path,
     head_dir: str | Path,
     out: str | Path | None = None,
+    *,
     progress: bool = True,
     allow_backbone_change: bool = False,
 ) -> Predictions:
-    """Label every readable image in ``images`` with a saved head; write ``path,label,score`` CSV to ``out``.
+    """Label every readable image in ``images`` with a saved head.
 
-    A ``spread`` head scores the images together with its saved support and pool (it spreads labels again over
-    all of them: transductive); ``selftrain`` and ``HEAD+center`` heads score each image on its own.
+    Parameters
+    ----------
+    images : any data source :func:`fewshot.sources.open_source` accepts.
+    head_dir : a folder written by :func:`probe`; its backbone is the one recorded there.
+    out : a CSV file to write (``path,label,score``); None: only return the rows.
+    progress : show a progress bar.
+    allow_backbone_change : predict even if the backbone's weights changed since the head was fitted (refused
+        otherwise: its features may no longer match the head).
 
-    The backbone is the one recorded in the head; if its weights changed since the head was fitted (the file was
-    retrained or replaced), this refuses unless ``allow_backbone_change``. Returns :class:`Predictions`.
+    Returns
+    -------
+    Predictions : one row per readable image, and the skipped files. A ``spread`` head scores the images together
+    with its saved support and pool (transductive); the other heads score each image on its own.
     """
     from fewshot.backbones import load_backbone
     from fewshot.features import extract_features

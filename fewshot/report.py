@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fewshot.outputs import write_atomically, write_text
+
+if TYPE_CHECKING:
+    from fewshot.evaluation import Report
 
 # Above this many classes the confusion matrix stays in report.json only: a wider markdown table is unreadable.
 MAX_MD_CONFUSION = 30
 
 
-def write_report(report: dict, out: Path) -> None:
+def write_report(report: Report, out: Path) -> None:
     """Write ``report.json``, ``report.md`` and ``label_efficiency.png`` into ``out`` (created if needed), and
     ``paired_differences.png`` when the report holds paired comparisons."""
     from fewshot.comparisons import plot_differences
@@ -59,11 +63,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _selects(report: dict) -> list[str]:
+def _selects(report: Report) -> list[str]:
     return report.get("select") or ["random"]
 
 
-def _score_table(report: dict, key: str) -> list[str]:
+def _score_table(report: Report, key: str) -> list[str]:
     shots, selects = report["shots"], _selects(report)
     by = {(r["backbone"], r.get("select", "random"), r["head"], r["shots"]): r for r in report["results"]}
     rows = []
@@ -79,7 +83,7 @@ def _score_table(report: dict, key: str) -> list[str]:
     return _table([*first, *(f"{k}-shot" for k in shots)], rows)
 
 
-def _comparison_lines(report: dict) -> list[str]:
+def _comparison_lines(report: Report) -> list[str]:
     """The paired differences the report leads with: headline sentences, then the full table."""
     from fewshot.comparisons import table
 
@@ -100,7 +104,7 @@ def _comparison_lines(report: dict) -> list[str]:
     return lines
 
 
-def _selection_lines(report: dict) -> list[str]:
+def _selection_lines(report: Report) -> list[str]:
     """How many classes each selection strategy's picks covered (the labels were revealed after the pick)."""
     selects = [s for s in _selects(report) if s != "random"]
     if not selects:
@@ -125,7 +129,7 @@ def _selection_lines(report: dict) -> list[str]:
     ]
 
 
-def _pool_lines(report: dict) -> list[str]:
+def _pool_lines(report: Report) -> list[str]:
     pool = report.get("pool") or {}
     sizes = [r["pool_size"] for r in report["results"] if r.get("pool_size")]
     if not sizes:
@@ -138,7 +142,7 @@ def _pool_lines(report: dict) -> list[str]:
     ]
 
 
-def markdown(report: dict) -> str:
+def markdown(report: Report) -> str:
     """The human-readable report: accuracy tables, full-label k-NN, the best configuration, skipped files."""
     classes = report["classes"]
     lines = [
@@ -229,7 +233,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: Report, path: Path) -> None:
     """Accuracy vs shots (log-2 axis): one line per backbone × head, 95% CI shaded; full-label k-NN dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fewshot import adapt, budget, distributed
-from fewshot.config import from_dict, save_config, to_dict
+from fewshot.config import Config, from_dict, save_config, to_dict
 from fewshot.devices import training_device
 from fewshot.errors import FewshotError
 from fewshot.image_store import ImageStore, open_store
@@ -54,21 +54,34 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test"
 
 
 def pretrain(
-    images: Any, cfg: Any, out: Path, progress: bool = True, notes: dict[str, Any] | None = None
+    images: Any,
+    out: str | Path,
+    cfg: PretrainConfig | Config | None = None,
+    *,
+    progress: bool = True,
+    notes: dict[str, Any] | None = None,
 ) -> PretrainResult:
     """Pretrain a backbone on unlabelled ``images`` and write the run folder ``out``; resume it if it exists.
 
-    ``images``: a data source as ``fewshot pretrain`` takes it (a folder, a CSV, ``imagefolder:``/``hf:`` names:
-    :func:`fewshot.sources.open_source`), an object with ``__len__`` and ``load(i) -> PIL.Image`` (a
-    :class:`fewshot.sources.ImageSet`), a sequence of objects with ``.load()``, a sequence of PIL images, or a
-    ``(N, 3, H, W)`` uint8 tensor.
-    ``cfg``: a :class:`PretrainConfig` (or a root config with a ``.pretrain`` section); values it leaves unset are
-    resolved here, the same for the Python API and the CLI (:func:`fewshot.inits.resolve_pretrain`: the method's
-    optimiser, the init's architecture and normalisation). ``notes``: facts saved in ``config.json`` beside the
-    config (e.g. what ``--recipe auto`` chose and why). Returns a :class:`fewshot.loop.PretrainResult` (the
-    backbone's path, steps, final logs, the monitor's start/best/end). Raises :class:`FewshotError` for bad input
-    or a diverged run. Under ``torchrun`` every process calls this; they train one model together
-    (:mod:`fewshot.distributed`).
+    Parameters
+    ----------
+    images : a data source as ``fewshot pretrain`` takes it (a folder, a CSV, ``imagefolder:``/``hf:`` names:
+        :func:`fewshot.sources.open_source`), an object with ``__len__`` and ``load(i) -> PIL.Image`` (a
+        :class:`fewshot.sources.ImageSet`), a sequence of objects with ``.load()``, a sequence of PIL images, or a
+        ``(N, 3, H, W)`` uint8 tensor.
+    out : the run folder; a backbone spec for every other command once written.
+    cfg : a :class:`PretrainConfig` (or a root :class:`Config`, whose ``.pretrain`` is used); None: the defaults.
+        Values it leaves unset are resolved here, the same for the Python API and the CLI
+        (:func:`fewshot.inits.resolve_pretrain`: the method's optimiser, the init's architecture and normalisation).
+    progress : show a progress bar (rank 0 only).
+    notes : facts saved in ``config.json`` beside the config (e.g. what ``--recipe auto`` chose and why).
+
+    Returns
+    -------
+    PretrainResult : the backbone's path, steps, final logs, the monitor's start/best/end.
+
+    Raises :class:`FewshotError` for bad input or a diverged run. Under ``torchrun`` every process calls this; they
+    train one model together (:mod:`fewshot.distributed`).
     """
     from fewshot.inits import resolve_pretrain
     from fewshot.sources import open_source
@@ -76,7 +89,7 @@ def pretrain(
     started = budget.clock()  # a --minutes budget counts from here
     if isinstance(images, (str, Path)):
         images = open_source(images)
-    cfg, init = resolve_pretrain(getattr(cfg, "pretrain", cfg))
+    cfg, init = resolve_pretrain(cfg.pretrain if isinstance(cfg, Config) else cfg or PretrainConfig())
     device, autocast = training_device(cfg.device, cfg.precision)
     ranks = distributed.setup(device)
     device = ranks.device(device)  # under torchrun on GPUs: cuda:LOCAL_RANK

@@ -74,7 +74,7 @@ def test_head_warmup_leaves_the_backbone_bitwise_unchanged_then_trains_it(
 
     monkeypatch.setattr(cls, "after_step", record)
     cfg = config(method, tmp_path / "init.safetensors", steps=4, adapt=AdaptConfig(head_warmup_steps=2))
-    pretrain(images, cfg, tmp_path / "run", progress=False)
+    pretrain(images, tmp_path / "run", cfg, progress=False)
     assert len(seen) == 4
     for backbones, _ in seen[:2]:  # both warm-up steps: every backbone tensor (buffers too) is the init's, bit for bit
         for name, tensor in backbones.items():
@@ -157,7 +157,7 @@ def test_the_loop_sets_each_group_lr_from_the_schedule_scale_and_ramp(
     monkeypatch.setattr(cls, "after_step", record)
     guard = AdaptConfig(head_warmup_steps=1, backbone_warmup_steps=2)
     cfg = config("mae", init_file(tmp_path / "w.safetensors"), steps=4, adapt=guard)
-    pretrain(images, cfg, tmp_path / "run", progress=False)
+    pretrain(images, tmp_path / "run", cfg, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scheduled = [x["lr"] for x in lines if x["kind"] == "step"]  # lr[step], logged every step
     ramp = [0.0, 0.5, 1.0, 1.0]  # frozen, then the backbone's lr ramps up over 2 steps
@@ -181,7 +181,7 @@ def test_a_batchnorm_teacher_tracks_its_own_statistics_and_the_warmup_keeps_the_
     and tracks running statistics of its own (not the 0/1 it was built with); frozen in the warm-up, it keeps the
     init's."""
     cfg = config("dino", None, model="test_resnet", img_size=32, patch_size=None, depth=None, steps=2)
-    pretrain(images, cfg, tmp_path / "scratch", progress=False)
+    pretrain(images, tmp_path / "scratch", cfg, progress=False)
     exported = _bn_buffers(load_file(str(tmp_path / "scratch" / "backbone.safetensors")))
     assert exported and not any(torch.equal(v, torch.zeros_like(v)) for k, v in exported.items() if "mean" in k)
     assert not any(torch.equal(v, torch.ones_like(v)) for k, v in exported.items() if "var" in k)
@@ -193,7 +193,12 @@ def test_a_batchnorm_teacher_tracks_its_own_statistics_and_the_warmup_keeps_the_
 
     save_file(load_file(str(tmp_path / "scratch" / "backbone.safetensors")), str(tmp_path / "init.safetensors"))
     cfg = config("dino", tmp_path / "init.safetensors", img_size=32, steps=2, adapt=AdaptConfig(head_warmup_steps=2))
-    pretrain(images, replace_spec(cfg, f"{tmp_path / 'init.safetensors'}:arch=test_resnet"), tmp_path / "warm", False)
+    pretrain(
+        images,
+        tmp_path / "warm",
+        replace_spec(cfg, f"{tmp_path / 'init.safetensors'}:arch=test_resnet"),
+        progress=False,
+    )
     after = _bn_buffers(load_file(str(tmp_path / "warm" / "backbone.safetensors")))
     assert all(torch.equal(after[k], v) for k, v in exported.items())
 
@@ -217,7 +222,7 @@ def test_step0_monitor_equals_evaluates_full_label_knn_of_the_init(digits: tuple
     cfg = config("dino", path, steps=2, monitor=str(train), monitor_test=str(test))
     from fewshot.sources import open_source
 
-    summary = pretrain(open_source(train), cfg, tmp_path / "run", progress=False)
+    summary = pretrain(open_source(train), tmp_path / "run", cfg, progress=False)
     start = next(json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert start["kind"] == "start" and start["step"] == 0
     report = evaluate(train, test, backbones=[str(path), f"{tmp_path / 'run'}:init"], out=None, progress=False)
@@ -241,7 +246,7 @@ def test_api_and_cli_resolve_the_same_mae_optimiser(digits: tuple[Path, Path], t
 
     train = digits[0]
     api = PretrainConfig(method="mae", model="vit_tiny_patch16_224", **KWARGS, steps=1, batch_size=8, mae=SMALL["mae"])
-    pretrain(open_source(train), api, tmp_path / "api", progress=False)
+    pretrain(open_source(train), tmp_path / "api", api, progress=False)
     sets = ["pretrain.mae.decoder_dim=32", "pretrain.mae.decoder_depth=1", "pretrain.mae.decoder_heads=2"]
     args = ["pretrain", str(train), "--method", "mae", "--model", "vit_tiny_patch16_224", "--img-size", "32"]
     args += ["--patch-size", "8", "--depth", "3", "--steps", "1", "--batch-size", "8", "-o", str(tmp_path / "cli")]

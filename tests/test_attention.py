@@ -114,7 +114,7 @@ def test_jaccard_on_hand_made_masks() -> None:
 
 def test_run_attention_writes_grids_sheet_pca_and_maps(masked_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_attention(masked_set / "images", out, settings(save_maps=True), TINY_VIT, progress=False)
+    result = run_attention(masked_set / "images", out, settings(save_maps=True), backbone=TINY_VIT, progress=False)
     assert result.images == 4 and result.grid == (4, 4) and result.prefix_tokens == 1
     for png in [*result.grids, *result.contact_sheets, *result.pca]:
         assert Image.open(png).size[0] > 32
@@ -126,7 +126,9 @@ def test_run_attention_writes_grids_sheet_pca_and_maps(masked_set: Path, tmp_pat
     assert json.loads((out / "attention.json").read_text())["threshold"] == 0.6
     assert json.loads((out / "maps" / "index.json").read_text())["files"]["000.safetensors"] == "000.png"
 
-    bare = run_attention(masked_set / "images", tmp_path / "bare", settings(pca=False), TINY_VIT, progress=False)
+    bare = run_attention(
+        masked_set / "images", tmp_path / "bare", settings(pca=False), backbone=TINY_VIT, progress=False
+    )
     assert bare.maps == [] and bare.pca == [] and not (tmp_path / "bare" / "maps").exists()
 
 
@@ -134,15 +136,19 @@ def test_shapes_follow_image_size_and_patch_size(masked_set: Path, tmp_path: Pat
     backbone = load_backbone(TINY_VIT)
     pos_before = backbone.model.pos_embed.detach().clone()
     with pytest.raises(FewshotError, match="not a whole number of 8x8 patches; use e.g. --img-size 48x32"):
-        run_attention(masked_set / "images", tmp_path / "a", settings(img_size="50x36"), backbone)  # never 48x32
+        run_attention(
+            masked_set / "images", tmp_path / "a", settings(img_size="50x36"), backbone=backbone
+        )  # never 48x32
     cfg = settings(img_size="48x32", pca=False, save_maps=True)
-    result = run_attention(masked_set / "images", tmp_path / "a", cfg, backbone)
+    result = run_attention(masked_set / "images", tmp_path / "a", cfg, backbone=backbone)
     assert result.input_size == (48, 32) and result.grid == (6, 4)
     from safetensors.numpy import load_file
 
     assert load_file(result.maps[0])["heads"].shape == (3, 6, 4)
     assert torch.equal(backbone.model.pos_embed, pos_before)  # the caller's model keeps its size
-    result = run_attention(masked_set / "images", tmp_path / "b", settings(img_size="42"), DINOV2_REG, progress=False)
+    result = run_attention(
+        masked_set / "images", tmp_path / "b", settings(img_size="42"), backbone=DINOV2_REG, progress=False
+    )
     assert result.grid == (3, 3) and result.prefix_tokens == 5 and result.heads == 4
 
 
@@ -151,7 +157,9 @@ def test_jaccard_report_against_masks(masked_set: Path, tmp_path: Path) -> None:
     truth.mkdir()
     for name in ("000", "001", "002"):  # 003 has no mask; other extension than the images on purpose
         Image.new("L", (48, 48), 255).save(truth / f"{name}.bmp")
-    result = run_attention(masked_set / "images", tmp_path / "o", settings(save_maps=True), TINY_VIT, masks=truth)
+    result = run_attention(
+        masked_set / "images", tmp_path / "o", settings(save_maps=True), backbone=TINY_VIT, masks=truth
+    )
     jac = result.jaccard
     assert jac is not None and jac["images_with_masks"] == 3 and jac["missing_masks"] == ["003.png"]
     from safetensors.numpy import load_file
@@ -164,7 +172,7 @@ def test_jaccard_report_against_masks(masked_set: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "o" / "jaccard.json").read_text())["best_head"] == jac["best_head"]
 
     masks = masked_set / "masks"
-    real = run_attention(masked_set / "images", tmp_path / "r", settings(pca=False), TINY_VIT, masks=masks)
+    real = run_attention(masked_set / "images", tmp_path / "r", settings(pca=False), backbone=TINY_VIT, masks=masks)
     assert real.jaccard is not None and real.jaccard["images_with_masks"] == 4
     assert all(0 <= j <= 1 for j in real.jaccard["mean_per_head"])
 
@@ -184,4 +192,6 @@ def test_bad_input_is_one_line(masked_set: Path, tmp_path: Path, kwargs: dict, m
     kwargs = dict(kwargs)
     backbone, masks = kwargs.pop("backbone", TINY_VIT), kwargs.pop("masks", None)
     with pytest.raises(FewshotError, match=message):
-        run_attention(masked_set / "images", tmp_path / "x", settings(pca=False, **kwargs), backbone, masks=masks)
+        run_attention(
+            masked_set / "images", tmp_path / "x", settings(pca=False, **kwargs), backbone=backbone, masks=masks
+        )

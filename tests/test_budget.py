@@ -77,7 +77,7 @@ def test_minutes_run_ends_every_schedule_at_the_planned_last_step(
     images: torch.Tensor, clock: FakeClock, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    pretrain(images, CFG, run, progress=False)
+    pretrain(images, run, CFG, progress=False)
     saved = json.loads((run / "config.json").read_text())
     plan = budget.BudgetPlan(**saved["budget"])
     # the probe timed PROBE_STEPS steps of one tick each (a clock read before and after) and one epoch end
@@ -100,9 +100,9 @@ def test_minutes_run_ends_every_schedule_at_the_planned_last_step(
 def test_minutes_run_equals_a_steps_run_of_the_planned_length(
     images: torch.Tensor, clock: FakeClock, tmp_path: Path
 ) -> None:
-    pretrain(images, CFG, tmp_path / "budget", progress=False)
+    pretrain(images, tmp_path / "budget", CFG, progress=False)
     total = json.loads((tmp_path / "budget" / "config.json").read_text())["plan"]["total_steps"]
-    pretrain(images, dataclasses.replace(CFG, minutes=None, steps=total), tmp_path / "steps", progress=False)
+    pretrain(images, tmp_path / "steps", dataclasses.replace(CFG, minutes=None, steps=total), progress=False)
     # the probe trained a throwaway copy: the budgeted run starts from the same initialisation and data order
     a, b = (load_file(str(tmp_path / name / "backbone.safetensors")) for name in ("budget", "steps"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -113,21 +113,21 @@ def test_rerun_keeps_the_saved_plan_without_probing_again(
     images: torch.Tensor, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = tmp_path / "run"
-    pretrain(images, CFG, run, progress=False)
+    pretrain(images, run, CFG, progress=False)
     before = json.loads((run / "config.json").read_text())["budget"]
 
     def no_probe(*args: object, **kwargs: object) -> list[float]:
         raise AssertionError("a resumed --minutes run must keep its plan, not probe again")
 
     monkeypatch.setattr(budget, "time_steps", no_probe)
-    result = pretrain(images, CFG, run, progress=False)
+    result = pretrain(images, run, CFG, progress=False)
     assert result.steps == before["total_steps"] and not result.logs  # already finished
     assert json.loads((run / "config.json").read_text())["budget"] == before
 
 
 def test_minutes_and_steps_together_are_refused(images: torch.Tensor, clock: FakeClock, tmp_path: Path) -> None:
     with pytest.raises(FewshotError, match="--minutes 0.1 and --steps 5 both set"):
-        pretrain(images, dataclasses.replace(CFG, steps=5), tmp_path / "run", progress=False)
+        pretrain(images, tmp_path / "run", dataclasses.replace(CFG, steps=5), progress=False)
 
 
 def test_bad_budget_is_one_line_error_before_decoding(

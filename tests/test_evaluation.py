@@ -217,5 +217,7 @@ def test_report_leads_with_paired_differences_against_pixels(monkeypatch, tmp_pa
     md = (tmp_path / "report.md").read_text()
     assert md.index("## Paired differences") < md.index("## Accuracy (%)")
     assert (tmp_path / "paired_differences.png").is_file()
-    again = evaluate("TRAIN", "TEST", ["runs/good", "pixels"], cfg, progress=False, references={"pixels": "runs/good"})
+    again = evaluate(
+        "TRAIN", "TEST", cfg=cfg, backbones=["runs/good", "pixels"], progress=False, references={"pixels": "runs/good"}
+    )
     assert {c["backbone"] for c in again["comparisons"]} == {"runs/good", "pixels"}  # extra pairs are added

@@ -72,9 +72,9 @@ def test_a_set_over_the_memory_cap_trains_from_the_cache_file_exactly_as_from_me
     from fewshot.train import pretrain
 
     images = open_source(data)
-    pretrain(images, CFG, tmp_path / "ram", progress=False)
+    pretrain(images, tmp_path / "ram", CFG, progress=False)
     capped = dataclasses.replace(CFG, data=DataConfig(memory_gb=1e-6))  # 10 images of 64 px: 0.1 MB > 1 kB
-    pretrain(images, capped, tmp_path / "mapped", progress=False)
+    pretrain(images, tmp_path / "mapped", capped, progress=False)
     where = [json.loads((tmp_path / k / "config.json").read_text())["images"]["where"] for k in ("ram", "mapped")]
     assert where[0].startswith("in memory") and where[1].startswith("memory-mapped")
     losses = [[json.loads(ln)["loss"] for ln in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]

@@ -114,7 +114,7 @@ def adapted(digits: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     )  # fmt: skip
     from fewshot.sources import open_source
 
-    pretrain(open_source(digits[0]), cfg, base / "run", progress=False)
+    pretrain(open_source(digits[0]), base / "run", cfg, progress=False)
     return base / "run", path
 
 

@@ -74,10 +74,10 @@ def test_training_loop_writes_a_grid_per_epoch_and_at_the_end(tmp_path: Path) ->
 
     from fewshot.train import pretrain
 
-    pretrain(_images(8), CFG, tmp_path / "run", progress=False)
+    pretrain(_images(8), tmp_path / "run", CFG, progress=False)
     pngs = sorted(p.name for p in (tmp_path / "run" / "reconstructions").iterdir())
     assert pngs == ["epoch_0001.png", "epoch_0002.png"]
     assert Image.open(tmp_path / "run" / "reconstructions" / "epoch_0002.png").size == grid_size(8, 32)
     only_end = replace(CFG, epochs=3, mae=replace(CFG.mae, reconstruct_every=0, reconstruct_images=2))
-    pretrain(_images(8), only_end, tmp_path / "end", progress=False)
+    pretrain(_images(8), tmp_path / "end", only_end, progress=False)
     assert [p.name for p in (tmp_path / "end" / "reconstructions").iterdir()] == ["epoch_0003.png"]

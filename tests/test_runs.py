@@ -49,7 +49,7 @@ def test_pretrain_refuses_a_folder_in_use(tmp_path: Path, holder) -> None:
 
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
     with pytest.raises(FewshotError, match="in use"):
-        pretrain(images, PretrainConfig(), tmp_path, progress=False)
+        pretrain(images, tmp_path, PretrainConfig(), progress=False)
     assert not (tmp_path / "config.json").exists()  # refused before touching the run
 
 

@@ -35,7 +35,7 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def finished(images: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    pretrain(images, CFG, out, progress=False)
+    pretrain(images, out, CFG, progress=False)
     return out
 
 
@@ -88,7 +88,7 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(
 
     monkeypatch.setattr(DINO, "after_step", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(images, CFG, tmp_path, progress=False)
+        pretrain(images, tmp_path, CFG, progress=False)
     monkeypatch.setattr(DINO, "after_step", original)
     seen: list[int] = []
 
@@ -97,7 +97,7 @@ def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(
         return _FORWARD(self, batch, step)
 
     monkeypatch.setattr(DINO, "forward", record)
-    pretrain(images, CFG, tmp_path, progress=False)
+    pretrain(images, tmp_path, CFG, progress=False)
     assert seen == [2, 3]  # resumed at the saved step, not from scratch
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3, 4, 4]  # step lines + epoch lines, none duplicated by the resume
@@ -120,9 +120,9 @@ def test_a_kill_right_after_the_final_checkpoint_leaves_the_final_backbone(
 
     monkeypatch.setattr(fewshot.loop, "save_run_checkpoint", die_after_the_last)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(images, CFG, tmp_path, progress=False)
+        pretrain(images, tmp_path, CFG, progress=False)
     monkeypatch.setattr(fewshot.loop, "save_run_checkpoint", original)
-    pretrain(images, CFG, tmp_path, progress=False)  # already finished: nothing to redo
+    pretrain(images, tmp_path, CFG, progress=False)  # already finished: nothing to redo
     resumed = load_file(str(tmp_path / "backbone.safetensors"))
     straight = load_file(str(finished / "backbone.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -138,7 +138,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
     assert {p.name for p in tmp_path.glob("checkpoint-*")} == {newest.name, "checkpoint-000000002.safetensors"}
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, e.g. by a full disk
     (tmp_path / "checkpoint.safetensors").write_bytes(newest.read_bytes())
-    pretrain(images, CFG, tmp_path, progress=False)  # resumes at step 2 and redoes steps 2, 3
+    pretrain(images, tmp_path, CFG, progress=False)  # resumes at step 2 and redoes steps 2, 3
     resumed = load_file(str(tmp_path / "backbone.safetensors"))
     straight = load_file(str(finished / "backbone.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -152,7 +152,7 @@ def test_resume_with_other_settings_is_refused(images: torch.Tensor, finished: P
     from dataclasses import replace
 
     with pytest.raises(FewshotError, match="batch_size"):
-        pretrain(images, replace(CFG, batch_size=2), finished, progress=False)
+        pretrain(images, finished, replace(CFG, batch_size=2), progress=False)
 
 
 def test_non_finite_loss_stops_with_the_step(images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_with_the_step(images: torch.Tensor, tmp_path: Pat
     monkeypatch.setattr(DINO, "forward", nan_loss)
     cfg = dataclasses.replace(CFG, log_every=50)  # on the CPU the check does not wait for a log step
     with pytest.raises(FewshotError, match=r"non-finite at step 1 .*lower learning rate"):
-        pretrain(images, cfg, tmp_path, progress=False)
+        pretrain(images, tmp_path, cfg, progress=False)
     assert seen == [0, 1]  # stopped within one step
 
 
@@ -176,11 +176,11 @@ def test_bad_settings_are_one_line_errors(images: torch.Tensor, tmp_path: Path) 
     from dataclasses import replace
 
     with pytest.raises(FewshotError, match="batch-size"):
-        pretrain(images, replace(CFG, batch_size=64), tmp_path / "a", progress=False)
+        pretrain(images, tmp_path / "a", replace(CFG, batch_size=64), progress=False)
     with pytest.raises(FewshotError, match="CUDA"):
-        pretrain(images, replace(CFG, device="cpu", precision="bf16"), tmp_path / "b", progress=False)
+        pretrain(images, tmp_path / "b", replace(CFG, device="cpu", precision="bf16"), progress=False)
     with pytest.raises(FewshotError, match="timm"):
-        pretrain(images, replace(CFG, model="not_a_model"), tmp_path / "c", progress=False)
+        pretrain(images, tmp_path / "c", replace(CFG, model="not_a_model"), progress=False)
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("dino-*.toml")), ids=str)
@@ -210,7 +210,7 @@ def test_monitor_logs_the_knn_accuracy_of_the_backbone_every_epoch(
     from fewshot.monitor import KnnMonitor
 
     cfg = dataclasses.replace(CFG, monitor=str(digits[0]))
-    pretrain(images, cfg, tmp_path / "run", progress=False)
+    pretrain(images, tmp_path / "run", cfg, progress=False)
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     accuracies = [ln["knn_top1"] for ln in lines if ln["kind"] == "epoch"]
     assert len(accuracies) == 2
@@ -222,7 +222,7 @@ def test_monitor_logs_the_knn_accuracy_of_the_backbone_every_epoch(
 
 def test_a_bad_monitor_folder_fails_before_training(images: torch.Tensor, tmp_path: Path) -> None:
     with pytest.raises(FewshotError, match="--monitor"):
-        pretrain(images, dataclasses.replace(CFG, monitor=str(tmp_path / "nope")), tmp_path / "run", progress=False)
+        pretrain(images, tmp_path / "run", dataclasses.replace(CFG, monitor=str(tmp_path / "nope")), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -272,7 +272,7 @@ def test_the_python_api_pretrains_a_folder_named_by_its_path(tmp_path: Path) -> 
     pixels = torch.randint(0, 256, (8, 40, 48, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     for i, image in enumerate(pixels.numpy()):
         Image.fromarray(image).save(data / f"{i}.png")
-    summary = fewshot.pretrain(str(data), dataclasses.replace(CFG, epochs=1), tmp_path / "run", progress=False)
+    summary = fewshot.pretrain(str(data), tmp_path / "run", dataclasses.replace(CFG, epochs=1), progress=False)
     assert summary.steps == 2 and summary.backbone.is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_images"] == 8
 
@@ -286,7 +286,7 @@ def test_an_epoch_warning_is_shown_once_and_again_at_the_end_but_logged_every_ep
         CFG, method="mae", epochs=4, mae=MaeConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2)
     )
     with caplog.at_level("WARNING", logger="fewshot"):
-        pretrain(images, cfg, tmp_path / "run", progress=False)  # noise: MAE cannot beat each patch's mean
+        pretrain(images, tmp_path / "run", cfg, progress=False)  # noise: MAE cannot beat each patch's mean
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [w for x in lines if x["kind"] == "epoch" for w in x["warnings"] if "reconstructs little" in w]
     shown = [r for r in caplog.records if "reconstructs little" in r.getMessage()]
@@ -306,6 +306,6 @@ def test_a_run_from_random_weights_is_not_advised_to_tune_the_adaptation_guard(
         return real(best, margin, advise, save)
 
     monkeypatch.setattr(fewshot.loop, "StartPoint", spy)
-    pretrain(images, dataclasses.replace(CFG, epochs=1), tmp_path / "run", progress=False)
+    pretrain(images, tmp_path / "run", dataclasses.replace(CFG, epochs=1), progress=False)
     text = advice[0]()
     assert "no adapt.* setting applies" in text and "adapt.backbone_lr_scale" not in text
