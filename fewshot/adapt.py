@@ -24,9 +24,13 @@ make it a no-op (no warm-up, every scale 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from fewshot.methods.base import Method
+    from fewshot.pretrain_config import AdaptConfig
 
 _MATCH_PREV_GROUP = (99999,)  # timm's group_matcher ordinal for "same group as the previous one"
 ADAPT_WARMUP_FRACTION = 0.1  # head warm-up with --init: this share of the run
@@ -43,7 +47,7 @@ class GuardPlan:
     backbone_warmup_steps: int
 
 
-def resolve(cfg: Any, adapting: bool, total_steps: int, lr_warmup_steps: int) -> GuardPlan:
+def resolve(cfg: AdaptConfig, adapting: bool, total_steps: int, lr_warmup_steps: int) -> GuardPlan:
     """Explicit ``pretrain.adapt`` values, else: with ``--init`` (``adapting``) a head warm-up of 10% of the run
     (at least one step), layer decay 0.75 and a backbone lr ramp as long as the lr warm-up; without, nothing (no
     warm-up, no decay, no ramp). ``backbone_lr_scale`` is 1 unless set, either way."""
@@ -81,7 +85,7 @@ def layer_ids(module: nn.Module) -> tuple[dict[str, int], int]:
     return {name: ids.get(name, n - 1) for name in names}, n  # unmatched: the top
 
 
-def lr_scales(method: Any, plan: GuardPlan) -> dict[str, float]:
+def lr_scales(method: Method, plan: GuardPlan) -> dict[str, float]:
     """``backbone_lr_scale × layer_decay^(last layer - layer)`` for every parameter of the method's backbone
     modules, by its name in the method (what :meth:`~fewshot.methods.base.Method.param_groups` takes). Empty when
     the backbone trains like the rest (scale 1, no decay, no ramp): the groups, and so the checkpoints, of a run
@@ -100,7 +104,7 @@ class Guard:
     """Applies a :class:`GuardPlan` to a method step by step: freezes its backbone modules during the head
     warm-up, unfreezes them after, and gives each optimiser group its lr factor."""
 
-    def __init__(self, method: Any, plan: GuardPlan) -> None:
+    def __init__(self, method: Method, plan: GuardPlan) -> None:
         self.method, self.plan = method, plan
         self.modules = list(method.backbone_modules().values())
         # a parameter that never trains (MAE's fixed position embeddings, a teacher) stays frozen after the warm-up

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from fewshot.backbones import Backbone
+    from fewshot.sources import ImageSet
 
 # a timm ViT: its blocks, patch_embed and attention modules are read by name (timm's vocabulary), which nn.Module's
 # type (attributes typed Tensor | Module) cannot express
@@ -229,7 +230,7 @@ class AttentionRunner:
         return cls(model, index, size, patch, grid, int(getattr(model, "num_prefix_tokens", 1)), mean, std, resample)
 
     def run(
-        self, source: Any, threshold: float, batch_size: int, skipped: list[dict[str, str]], progress: bool = True
+        self, source: ImageSet, threshold: float, batch_size: int, skipped: list[dict[str, str]], progress: bool = True
     ) -> Iterator[ImageAttention]:
         """Each readable image of ``source``'s maps, in order, ``batch_size`` images per forward pass; unreadable
         images are appended to ``skipped``."""

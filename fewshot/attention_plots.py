@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from fewshot.pca_maps import PCAMaps
 
 TILE = 160  # longest side of a panel in the per-image grids, pixels
 THUMB = 128  # longest side of a panel on the contact sheets
@@ -123,7 +126,7 @@ def save_contact_sheets(cells: list[Cell], path: Path) -> list[Path]:
     return written
 
 
-def save_pca(result: Any, images: list[Image.Image], stems: list[str], folder: Path) -> list[str]:
+def save_pca(result: PCAMaps, images: list[Image.Image], stems: list[str], folder: Path) -> list[str]:
     """Per-image PCA panels ``folder/<stem>.png`` and ``folder/pca_sheet.png`` (pages); returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []

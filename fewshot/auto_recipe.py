@@ -15,9 +15,12 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.sources import ImageSet
 
 AUTO = "auto"
 SAMPLE = 100  # images whose size is read (evenly spaced through the data): the typical size is their median
@@ -89,7 +92,7 @@ def wanted(recipe: Path | str | None, given: set[str]) -> bool:
     return not given & {"pretrain.model", "pretrain.init"}
 
 
-def for_run(images: Any, out: Path, device: str, given: set[str], method: str) -> Choice:
+def for_run(images: ImageSet, out: Path, device: str, given: set[str], method: str) -> Choice:
     """The choice for ``fewshot pretrain``: the one saved in ``out`` when re-running into a run folder (it resumes
     with the same recipe), else :func:`choose` for this device and data. ``method`` counts only when the user set it;
     with a run length given (``--steps``, ``--epochs``, ``--minutes``) no default budget is added."""
@@ -116,7 +119,7 @@ def describe_device(device: str) -> DeviceInfo:
     return DeviceInfo(picked.type)
 
 
-def describe_data(images: Any, sample: int = SAMPLE) -> DataInfo:
+def describe_data(images: ImageSet, sample: int = SAMPLE) -> DataInfo:
     """Size of ``images`` (a :class:`fewshot.sources.ImageSet`) and the median shorter side of up to ``sample``
     images spread evenly through it (file headers only where the images are files)."""
     from PIL import Image

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fewshot.config_rules import (
     ConfigValueError,
@@ -30,11 +30,15 @@ from fewshot.config_rules import (
     check,
     each,
     fraction,
+    one_of,
     pool_name,
 )
 from fewshot.errors import FewshotError
 from fewshot.outputs import write_text
 from fewshot.pretrain_config import PretrainConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,12 @@ class HeadsConfig:
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
 
 
+# Selection strategies (fewshot.selection), and how evaluate may choose supports: those, the class-balanced draw
+# (random) and a label-blind uniform draw of shots x classes images.
+SELECT_STRATEGIES = ("typiclust", "probcover", "kcenter", "random")
+EVALUATE_STRATEGIES = ("random", "uniform", "typiclust", "probcover", "kcenter")
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """The unlabeled pool that ``spread``, ``selftrain`` and ``+center`` heads use: TRAIN's images outside the
@@ -141,6 +151,9 @@ class PoolConfig:
 
     unlabeled: str | None = None
     max_images: int = 10000
+
+    def __post_init__(self) -> None:
+        check(self, max_images=at_least(0))
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,12 @@ class SelectConfig:
     min_cluster_size: int = 5  # TypiClust skips smaller clusters (outliers)
     probcover_alpha: float = 0.95  # share of pure balls that fixes ProbCover's radius (Yehuda et al. 2022)
     probcover_delta: float | None = None  # the radius itself, on L2-normalised features; None: from alpha
+
+    def __post_init__(self) -> None:
+        at_least_1 = at_least(1)
+        check(self, strategy=one_of(*SELECT_STRATEGIES), budget=at_least_1, classes=at_least_1,
+              typiclust_neighbors=at_least_1, max_clusters=at_least_1, min_cluster_size=at_least_1,
+              probcover_alpha=(lambda v: 0 < v <= 1, "in (0, 1]"), probcover_delta=above(0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -183,7 +202,7 @@ class EvaluateConfig:
     allow_overlap: bool = False  # TEST images also in TRAIN or the pool: a counted warning instead of an error
 
     def __post_init__(self) -> None:
-        check(self, shots=each(at_least(1)), seeds=at_least(1))
+        check(self, shots=each(at_least(1)), seeds=at_least(1), select=each(one_of(*EVALUATE_STRATEGIES)))
 
 
 @dataclass(frozen=True)
@@ -214,13 +233,15 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------- building
 
+Section = TypeVar("Section", bound="DataclassInstance")  # a config dataclass: the root Config or one of its sections
+
 
 def build_config(
     recipe: Path | None = None,
     sets: Iterable[str] = (),
     flags: Mapping[str, Any] | None = None,
-    base: Any = None,
-) -> Any:
+    base: Config | None = None,
+) -> Config:
     """Resolve a config: ``base`` (defaults) < recipe TOML < ``--set`` strings < explicit flags.
 
     ``flags`` maps dotted keys to values; ``None`` values mean "flag not given" and are ignored. Pretraining values
@@ -230,7 +251,7 @@ def build_config(
     return _layers(base if base is not None else Config(), recipe, sets, flags)
 
 
-def _layers(cfg: Any, recipe: Path | None, sets: Iterable[str], flags: Mapping[str, Any] | None) -> Any:
+def _layers(cfg: Config, recipe: Path | None, sets: Iterable[str], flags: Mapping[str, Any] | None) -> Config:
     origin: dict[str, str] = {}  # dotted key -> where its value came from, as an error should name it
     with across_deferred():  # a rule across two fields holds for the finished config, not between its layers
         if recipe is not None:
@@ -291,13 +312,13 @@ def load_recipe(path: Path) -> dict[str, Any]:
 
 
 def apply(
-    cfg: Any,
+    cfg: Section,
     overrides: Mapping[str, Any],
     source: str,
     from_string: bool = False,
     prefix: str = "",
     typed: Mapping[str, str] | None = None,
-) -> Any:
+) -> Section:
     """Return ``cfg`` with nested ``overrides`` applied, every key and value checked against the types and the
     sections' value rules. ``typed`` maps dotted keys to what the user typed (flags), for the error messages."""
     hints = typing.get_type_hints(type(cfg))
@@ -309,7 +330,7 @@ def apply(
             where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
             raise FewshotError(f"unknown config key '{dotted}' ({source}); valid keys {where}: {', '.join(names)}")
         current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
             if not isinstance(value, Mapping):
                 raise FewshotError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{dotted}.<key>'")
             changes[key] = apply(current, value, source, from_string, prefix=f"{dotted}.", typed=typed)

@@ -23,10 +23,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from fewshot.sources import Decodable, ImageSet, Record
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,15 @@ def canvas(pixels: np.ndarray, side: int, out: np.ndarray | None = None) -> np.n
     return out
 
 
-def record_name(images: Any, i: int) -> str:
+def record_name(images: Decodable, i: int) -> str:
     """What a skip lists for image ``i``: the record's name (path relative to the source), else its index."""
-    records = getattr(images, "records", images)
-    return str(getattr(records[i], "name", i))
+    records = images if isinstance(images, Sequence) else getattr(images, "records", None)  # an ImageSet's
+    return str(getattr(records[i], "name", i)) if records is not None else str(i)
 
 
-def load(images: Any, i: int) -> Image.Image:
+def load(images: Decodable, i: int) -> Image.Image:
     """Image ``i`` of an image set (``load(i)``), a sequence of PIL images or of objects with ``load()``."""
-    if hasattr(images, "load"):
+    if not isinstance(images, Sequence):
         return images.load(i)
     item = images[i]
     return item if isinstance(item, Image.Image) else item.load()
@@ -74,7 +77,7 @@ class SlotWriter:
     ``(index, height, width, reason)`` per image: its size inside the canvas, or ``reason`` (non-empty) when it
     could not be read and its slot was left as it was."""
 
-    def __init__(self, images: Any, path: str | Path, side: int, draft: bool) -> None:
+    def __init__(self, images: ImageSet, path: str | Path, side: int, draft: bool) -> None:
         self.images, self.side, self.draft = images, side, side if draft else None
         self.fd = os.open(path, os.O_WRONLY)
         self.buffer = np.zeros((3, side, side), dtype=np.uint8)
@@ -104,7 +107,7 @@ class SlotWriter:
 _WORKER: SlotWriter | None = None  # the worker process's writer, made once by _start_worker
 
 
-def _start_worker(images: Any, path: str, side: int, draft: bool) -> None:
+def _start_worker(images: ImageSet, path: str, side: int, draft: bool) -> None:
     global _WORKER
     _WORKER = SlotWriter(images, path, side, draft)
 
@@ -124,7 +127,7 @@ def default_workers(processes_on_node: int = 1) -> int:
 
 
 def decode_to_file(
-    images: Any,
+    images: ImageSet,
     indices: Sequence[int],
     path: str | Path,
     side: int,
@@ -167,7 +170,7 @@ def decode_to_file(
 
 
 def _in_workers(
-    images: Any, chunks: list[list[tuple[int, Any]]], path: str | Path, side: int, draft: bool, workers: int,
+    images: ImageSet, chunks: list[list[tuple[int, Record]]], path: str | Path, side: int, draft: bool, workers: int,
     on_progress: Callable[[int], None] | None,
 ) -> list[tuple[int, int, int, str]]:  # fmt: skip
     """The chunks decoded by ``workers`` spawned processes, each holding the image set without its record list (a

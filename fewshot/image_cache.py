@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from fewshot import distributed
 from fewshot.decoding import decode_to_file
 from fewshot.errors import FewshotError
 from fewshot.progress import bar
+
+if TYPE_CHECKING:
+    from fewshot.sources import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def cache_folder(configured: str | None = None) -> Path:
     return cache_dir().parent / "images"
 
 
-def entry_name(images: Any, side: int, draft: bool) -> str:
+def entry_name(images: ImageSet, side: int, draft: bool) -> str:
     """``SOURCE-DATA-sS[-draft]-vV``: hashes of the source's location and of its fingerprint, and the settings."""
     where = Path(str(images.source)).expanduser()
     source = str(where.resolve()) if where.exists() else str(images.source)
@@ -98,7 +101,7 @@ class Entry:
 
 
 def open_cache(
-    images: Any,
+    images: ImageSet,
     side: int,
     draft: bool = True,
     workers: int = 1,
@@ -207,7 +210,7 @@ def _check_visible(entry: Entry, token: str, ranks: distributed.Dist) -> None:
 
 
 def _finalise(
-    entry: Entry, images: Any, sizes: np.ndarray, skipped: list[dict[str, Any]], side: int, draft: bool,
+    entry: Entry, images: ImageSet, sizes: np.ndarray, skipped: list[dict[str, Any]], side: int, draft: bool,
     decoded_by: list[int],
 ) -> None:  # fmt: skip
     """Rank 0, once every slot is written: move the last readable canvases into the slots of unreadable images

@@ -33,9 +33,12 @@ from torch import Tensor
 
 from fewshot import distributed
 from fewshot.errors import FewshotError
+from fewshot.sources import ImageSet
 
 if TYPE_CHECKING:
     from fewshot.image_cache import Cached
+    from fewshot.pretrain_config import PretrainConfig
+    from fewshot.sources import Decodable, Images
 
 
 @dataclass
@@ -107,12 +110,12 @@ def _copy(pixels: Tensor, device: torch.device, chunk: int = 1024) -> Tensor:
 
 
 def open_store(
-    images: Any, cfg: Any, ranks: distributed.Dist | None = None, progress: bool = False
+    images: Images, cfg: PretrainConfig, ranks: distributed.Dist | None = None, progress: bool = False
 ) -> tuple[ImageStore, Cached | None]:
     """The images of a run at ``cfg.store_size`` (default twice ``cfg.img_size``), through the on-disk cache when
     ``images`` has a fingerprint; returns the store and the cache entry (None for images given in memory)."""
     side = store_side(cfg)
-    if getattr(images, "fingerprint", ""):
+    if isinstance(images, ImageSet) and images.fingerprint:  # files: through the on-disk cache
         from fewshot.decoding import default_workers
         from fewshot.image_cache import cache_folder, open_cache
 
@@ -126,9 +129,11 @@ def open_store(
     return _decode_in_memory(images, side), None
 
 
-def store_side(cfg: Any) -> int:
+def store_side(cfg: PretrainConfig) -> int:
     """The stored resolution: the longer side of every image (``pretrain.store_size``, default 2 × img_size)."""
-    side = cfg.store_size or 2 * cfg.img_size
+    if not cfg.store_size and cfg.img_size is None:
+        raise ValueError("store_side needs img_size: resolve the config first (fewshot.inits.resolve_pretrain)")
+    side = cfg.store_size or 2 * (cfg.img_size or 0)
     if side < 1:
         raise FewshotError(f"pretrain.store_size must be a positive number of pixels, got {side}")
     return int(side)
@@ -150,7 +155,7 @@ def fit_tensor(images: Tensor, side: int) -> tuple[Tensor, Tensor]:
     return out, torch.tensor([[nh, nw]], dtype=torch.long).expand(n, 2).contiguous()
 
 
-def _decode_in_memory(images: Any, side: int) -> ImageStore:
+def _decode_in_memory(images: Decodable, side: int) -> ImageStore:
     """A sequence of PIL images or of objects with ``load()``, decoded in this process."""
     from fewshot.decoding import canvas, fit, load, record_name
     from fewshot.images import UnreadableImage

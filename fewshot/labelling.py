@@ -15,12 +15,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fewshot.config import Config, save_config
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from fewshot.sources import ImageSet
 
 SHEET = "contact_sheet.png"
 PER_PAGE, COLUMNS, THUMB = 100, 10, 96
@@ -78,14 +81,12 @@ def _select_images(
 ) -> Selection:
     from fewshot.features import extract_features
     from fewshot.outputs import write_csv
-    from fewshot.selection import STRATEGIES, select
+    from fewshot.selection import select
     from fewshot.sources import open_source
 
-    scfg = cfg.select
-    if scfg.strategy not in STRATEGIES:
-        raise FewshotError(f"unknown selection strategy '{scfg.strategy}'; choose from {', '.join(STRATEGIES)}")
-    if scfg.budget is None or scfg.budget < 1:
-        raise FewshotError(f"--budget must be a positive number of images, got {scfg.budget}; e.g. --budget 50")
+    scfg = cfg.select  # its values were checked when it was built (fewshot.config.SelectConfig)
+    if scfg.budget is None:
+        raise FewshotError("--budget must be a positive number of images; e.g. --budget 50")
     if files not in LINK_MODES:
         raise FewshotError(f"unknown file mode '{files}'; use one of {', '.join(LINK_MODES)}")
     source = open_source(images)
@@ -114,7 +115,7 @@ def _select_images(
                      out / "selection.csv", sheets, feats.skipped)  # fmt: skip
 
 
-def _excluded(source: Any, exclude: str | Path) -> set[str]:
+def _excluded(source: ImageSet, exclude: str | Path) -> set[str]:
     """Names of ``source``'s records that ``exclude`` lists (by path) or holds (by file content)."""
     from fewshot.leakage import content_hashes
     from fewshot.sources import open_source
@@ -140,7 +141,7 @@ def _excluded(source: Any, exclude: str | Path) -> set[str]:
     return listed
 
 
-def _contact_sheets(source: Any, chosen: list[int], rows: list[dict], path: Path) -> list[Path]:
+def _contact_sheets(source: ImageSet, chosen: list[int], rows: list[dict], path: Path) -> list[Path]:
     """Thumbnails of the chosen images in rank order, captioned '#rank name', ``PER_PAGE`` a page."""
     from PIL import Image
 
@@ -165,7 +166,7 @@ def _contact_sheets(source: Any, chosen: list[int], rows: list[dict], path: Path
     return written
 
 
-def _place(source: Any, chosen: list[int], folder: Path, mode: str) -> None:
+def _place(source: ImageSet, chosen: list[int], folder: Path, mode: str) -> None:
     """Copy or link the chosen files into ``folder`` as ``RANK_name`` (rows without a file are saved as PNG)."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("[0-9][0-9][0-9][0-9]_*"):  # an earlier selection's files: this one replaces them

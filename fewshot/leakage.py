@@ -15,15 +15,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewshot.errors import FewshotError
 from fewshot.weights import file_sha256
 
+if TYPE_CHECKING:
+    from fewshot.sources import ImageSet
+
 SHOWN = 5  # files named in an error message
 
 
-def content_hashes(images: Any) -> list[str]:
+def content_hashes(images: ImageSet) -> list[str]:
     """SHA-256 of every record of an :class:`fewshot.sources.ImageSet` ('' when the bytes cannot be read)."""
     from fewshot.features import cache_dir
 
@@ -44,7 +47,7 @@ def content_hashes(images: Any) -> list[str]:
     return hashes
 
 
-def _digest(images: Any, i: int) -> str:
+def _digest(images: ImageSet, i: int) -> str:
     rec = images.records[i]
     try:
         if rec.file is not None:
@@ -59,7 +62,7 @@ def _digest(images: Any, i: int) -> str:
     return ""  # unreadable: it is skipped (and listed) when features are extracted
 
 
-def overlap(a: Any, b: Any) -> list[tuple[str, str]]:
+def overlap(a: ImageSet, b: ImageSet) -> list[tuple[str, str]]:
     """(name in ``a``, name in ``b``) for every pair of records with the same content."""
     index: dict[str, list[str]] = {}
     for rec, digest in zip(a.records, content_hashes(a), strict=True):

@@ -8,12 +8,18 @@ most ``clip_grad``. Learning rate and weight decay are set by the loop before ev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from fewshot.methods.base import Method
+    from fewshot.pretrain_config import PretrainConfig
 
-def build_optimizer(method: Any, cfg: Any, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+
+def build_optimizer(
+    method: Method, cfg: PretrainConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over ``method.param_groups(lr_scales)`` with ``cfg.optim.betas`` (lr 0: the loop sets it each step)."""
     groups = [g for g in method.param_groups(lr_scales) if g["params"]]
     betas = tuple(cfg.optim.betas or ())  # resolved: two values (config_rules)
@@ -36,7 +42,7 @@ def clip_per_parameter(params: list[torch.nn.Parameter], max_norm: float) -> Non
 
 def optimise(
     model: torch.nn.Module,
-    method: Any,
+    method: Method,
     opt: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
     batch: dict[str, torch.Tensor],

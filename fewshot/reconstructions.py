@@ -10,7 +10,7 @@ successive epochs compare the same patches.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,10 +20,14 @@ from torch import Tensor
 
 from fewshot.outputs import write_atomically
 
+if TYPE_CHECKING:
+    from fewshot.image_store import ImageStore
+    from fewshot.methods.mae import MAE
+
 GAP = 2  # white pixels between panels and rows
 
 
-def fixed_images(store: Any, n: int, size: int) -> Tensor:
+def fixed_images(store: ImageStore, n: int, size: int) -> Tensor:
     """``n`` images evenly spaced through ``store`` (a :class:`fewshot.image_store.ImageStore`): the centre square
     of each image in its canvas, resized to ``size``; ``(n, 3, size, size)`` uint8."""
     idx = torch.linspace(0, len(store) - 1, min(n, len(store))).round().long()
@@ -57,7 +61,7 @@ def grid_image(original: Tensor, masked: Tensor, recon: Tensor) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def write_reconstructions(model: Any, store: Any, path: Path, n: int = 8, seed: int = 0) -> Path:
+def write_reconstructions(model: MAE, store: ImageStore, path: Path, n: int = 8, seed: int = 0) -> Path:
     """Write the ``original | masked | reconstruction`` grid of ``n`` fixed images of ``store`` to ``path``.
 
     ``model``: an ``nn.Module`` with ``img_size`` and ``reconstruct(images (n, 3, S, S) uint8, generator)``

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from fewshot.config import SELECT_STRATEGIES as STRATEGIES
 from fewshot.config import SelectConfig
 from fewshot.errors import FewshotError
 
-STRATEGIES = ("typiclust", "probcover", "kcenter", "random")
 TYPICALITY_EPS = 1e-5  # added to the mean distance, as the authors' code
 DELTA_STEP = 0.01  # ProbCover's radius grid on L2-normalised features (distances lie in [0, 2])
 MINIBATCH_ABOVE = 50  # TypiClust's authors switch to mini-batch k-means above 50 clusters
@@ -80,12 +80,6 @@ def select(
     n_classes = n_classes if n_classes is not None else cfg.classes
     if strategy not in STRATEGIES:
         raise FewshotError(f"unknown selection strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
-    if min(cfg.typiclust_neighbors, cfg.max_clusters, cfg.min_cluster_size) < 1 or not 0 < cfg.probcover_alpha <= 1:
-        raise FewshotError(
-            "select.typiclust_neighbors, select.max_clusters and select.min_cluster_size must be at least 1 and "
-            f"select.probcover_alpha in (0, 1] (got {cfg.typiclust_neighbors}, {cfg.max_clusters}, "
-            f"{cfg.min_cluster_size}, {cfg.probcover_alpha}); fix the recipe or --set value"
-        )
     X = normalize(np.asarray(features, dtype=np.float32))  # (N, D) unit rows
     labelled = np.zeros(len(X), dtype=bool)
     if exclude is not None:

@@ -28,16 +28,40 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from PIL import Image
 
 from fewshot.errors import FewshotError
 from fewshot.images import UnreadableImage, is_image_name, load_rgb
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
 UNLABELED = -1
 log = logging.getLogger(__name__)
 _PREFIXES = ("folder", "imagefolder", "csv", "hf", "hf-disk")
+
+
+class Loadable(Protocol):
+    """Anything with ``load() -> PIL.Image`` (e.g. a :class:`Record` bound to its source)."""
+
+    def load(self) -> Image.Image: ...
+
+
+class ImageSource(Protocol):
+    """An image set read by index: :class:`ImageSet`, or a view of one (e.g. its labelled records)."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> Image.Image: ...
+
+
+# What pretraining decodes: a data source's records or view of them, PIL images, or objects that load one.
+Decodable: TypeAlias = "ImageSource | Sequence[Image.Image] | Sequence[Loadable]"
+Images: TypeAlias = "Decodable | torch.Tensor"  # ... or pixels decoded already: (N, 3, H, W) uint8
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from fewshot.inits import InitWeights
     from fewshot.monitor import KnnMonitor
     from fewshot.pretrain_config import OptimConfig
+    from fewshot.sources import Images
 
 __all__ = ["PretrainResult", "load_run_config", "pretrain"]  # PretrainResult and load_run_config: defined in loop, runs
 
@@ -54,7 +55,7 @@ RESUMABLE_CHANGES = ("device", "precision", "compile", "monitor", "monitor_test"
 
 
 def pretrain(
-    images: Any,
+    images: Images | str | Path,
     out: str | Path,
     cfg: PretrainConfig | Config | None = None,
     *,
@@ -103,7 +104,7 @@ def pretrain(
 
 
 def _pretrain(
-    images: Any,
+    images: Images,
     cfg: PretrainConfig,
     init: InitWeights | None,
     run: RunFolder,

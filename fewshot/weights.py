@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # checkpoint keys that wrap the backbone's state dict (DINO's teacher/student, DDP's module, ...), tried in order
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "model_state", "module", "net", "network")
@@ -135,7 +138,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def state_sha256(model: Any) -> str:
+def state_sha256(model: nn.Module) -> str:
     """The sha256 of a model's state dict (names and values): the identity of weights that have no file."""
     h = hashlib.sha256()
     for key, tensor in model.state_dict().items():

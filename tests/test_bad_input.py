@@ -348,7 +348,7 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
     ),
     "unknown selection strategy": (
         lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--select", "random,best", "-o", t / "ev"],
-        ("evaluate.select", "typiclust"),
+        ("--select must be", "typiclust", "got ('random', 'best')"),
     ),
     "reference is not a backbone": (
         lambda t: ["evaluate", *_pair(t), "-b", "pixels:4", "--reference", "pixels:8", "-o", t / "ev"],
