@@ -101,7 +101,8 @@ class LinearConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        check(self, epochs=at_least(1), lr=above(0), batch_size=at_least(1), momentum=fraction(closed_high=False),
+        # batch_size ≥ 2: the probe's BatchNorm needs two rows per batch (a trailing batch of one joins the last)
+        check(self, epochs=at_least(1), lr=above(0), batch_size=at_least(2), momentum=fraction(closed_high=False),
               weight_decay=at_least(0))  # fmt: skip
 
 
@@ -113,6 +114,11 @@ class SpreadConfig:
     alpha: float = 0.8  # weight of the neighbours against an image's own label (Zhou et al.'s alpha)
     max_iter: int = 100
     tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        # alpha in (0, 1): at 0 the graph is ignored, at 1 the support's own labels are (sklearn rejects both)
+        check(self, k=at_least(1), alpha=fraction(closed_low=False, closed_high=False), max_iter=at_least(1),
+              tol=at_least(0))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,12 @@ class SelfTrainConfig:
     c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
     one_shot_c: float = 10.0
     cv_folds: int = 5
+
+    def __post_init__(self) -> None:
+        # the criteria sklearn's SelfTrainingClassifier accepts; C is chosen on the support as logreg's is
+        check(self, criterion=one_of("threshold", "k_best"), threshold=fraction(closed_high=False),
+              k_best=at_least(1), max_iter=at_least(1), c_grid=each(above(0)), one_shot_c=above(0),
+              cv_folds=at_least(2))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,13 @@ def above(low: float) -> Rule:
     return (lambda v: v > low), f"> {low:g}"
 
 
-def fraction(closed_high: bool = True) -> Rule:
-    if closed_high:
-        return (lambda v: 0 <= v <= 1), "in [0, 1]"
-    return (lambda v: 0 <= v < 1), "in [0, 1)"
+def fraction(closed_low: bool = True, closed_high: bool = True) -> Rule:
+    """A value in the unit interval, each end included or not (both excluded: the open interval (0, 1))."""
+
+    def ok(v: float) -> bool:
+        return (v >= 0 if closed_low else v > 0) and (v <= 1 if closed_high else v < 1)
+
+    return ok, f"in {'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
 
 
 def one_of(*choices: str) -> Rule:

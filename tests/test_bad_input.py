@@ -379,7 +379,7 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
             "-o",
             t / "e",
         ],
-        ("heads.spread needs k >= 1",),
+        ("config key 'heads.spread.k' must be ≥ 1, got 0",),
     ),
     "selftrain threshold above 1": (
         lambda t: [
@@ -394,7 +394,22 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
             "-o",
             t / "e",
         ],
-        ("heads.selftrain needs", "0 <= threshold < 1"),
+        ("config key 'heads.selftrain.threshold' must be in [0, 1), got 2.0",),
+    ),
+    "spread alpha outside (0, 1)": (
+        lambda t: [
+            "evaluate",
+            *_pair(t),
+            "-b",
+            "pixels:4",
+            "--heads",
+            "spread",
+            "-s",
+            "heads.spread.alpha=1.5",
+            "-o",
+            t / "e",
+        ],
+        ("config key 'heads.spread.alpha' must be in (0, 1), got 1.5",),
     ),
     "select --out an existing file": (
         lambda t: ["select", labelled(t / "d", {"a": 3}), "-b", "pixels:4", "-n", "1", "-o", _write(t / "taken", b"x")],

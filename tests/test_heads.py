@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,8 +15,21 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 
 from fewshot.config import HeadsConfig, KNNConfig, LinearConfig
+from fewshot.config_rules import ConfigValueError
 from fewshot.errors import FewshotError
-from fewshot.heads import HEADS, KNNHead, LinearHead, LogRegHead, PrototypeHead, load_head, make_head, save_head
+from fewshot.heads import (
+    HEADS,
+    CenteredHead,
+    KNNHead,
+    LinearHead,
+    LogRegHead,
+    PrototypeHead,
+    SelfTrainHead,
+    SpreadHead,
+    load_head,
+    make_head,
+    save_head,
+)
 
 
 def blobs(seed: int, classes: int, shots: int, dim: int = 16, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +75,22 @@ def test_knn_caps_k_at_the_support_size() -> None:
     assert head.k == 20  # hyperparameters stay as given (sklearn convention)
     votes = dino_vote(X, y, queries, k=6, T=0.1)
     np.testing.assert_allclose(head.predict_proba(queries), votes / votes.sum(1, keepdims=True), rtol=1e-4)
+
+
+def test_knn_predict_is_sklearns_vote_even_on_ties() -> None:
+    """predict is the argmax of predict_proba (Head's); sklearn's KNeighborsClassifier.predict (weighted_mode) gives
+    the same labels, exact ties included: both take the first (smallest) tied class."""
+    X, y = blobs(15, classes=4, shots=6, spread=2.0)
+    queries, _ = blobs(16, classes=4, shots=30, spread=2.0)
+    head = KNNHead(k=9).fit(X, y)
+    np.testing.assert_array_equal(head.predict(queries), head.model_.predict(queries))
+    rows, _ = blobs(17, classes=2, shots=1)
+    tied = np.repeat(rows, 3, axis=0)  # (6, D): each row three times, labelled 2, 1, 0: every vote ties 3 ways
+    head = KNNHead(k=6).fit(tied, np.tile([2, 1, 0], 2))
+    proba = head.predict_proba(queries)
+    np.testing.assert_array_equal(proba, np.full_like(proba, 1 / 3))
+    np.testing.assert_array_equal(head.predict(queries), np.zeros(len(queries)))
+    np.testing.assert_array_equal(head.predict(queries), head.model_.predict(queries))
 
 
 # ---------------------------------------------------------------------------------------------- logreg
@@ -213,10 +244,54 @@ def test_load_head_bad_files_are_one_line_errors(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["knn", "logreg", "prototype", "linear", "spread", "selftrain"])
 def test_each_head_defaults_to_its_config_section(name: str) -> None:
     """One home for defaults: a head built without arguments has exactly its config section's values."""
-    import dataclasses
-
     params = HEADS[name]().get_params()
     params.pop("random_state", None)  # the episode's seed, not a config value
     assert params == dataclasses.asdict(getattr(HeadsConfig(), name))
     with pytest.raises(TypeError):  # keyword-only: a positional value cannot land on the wrong hyperparameter
         HEADS[name](1)
+
+
+@pytest.mark.parametrize("name", ["knn", "logreg", "prototype", "linear", "spread", "selftrain"])
+def test_dataclass_heads_keep_the_sklearn_estimator_contract(name: str) -> None:
+    """The dataclass __init__ only stores the hyperparameters: get_params, set_params and clone see exactly the
+    fields; heads keep identity equality and hashing (eq=False) and BaseEstimator's repr (repr=False)."""
+    cls = HEADS[name]
+    head = cls()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(head.get_params()) == fields
+    assert vars(head) == head.get_params()  # nothing but the hyperparameters is set before fit
+    key, value = next((f.name, f.default) for f in dataclasses.fields(cls) if isinstance(f.default, int | float))
+    changed = value + 1
+    assert head.set_params(**{key: changed}) is head and getattr(head, key) == changed
+    copy = clone(head)
+    assert type(copy) is cls and copy is not head and copy.get_params() == head.get_params()
+    assert copy != head and len({head, copy}) == 2  # identity equality, hashable
+    assert repr(head) == f"{cls.__name__}({key}={changed!r})"  # BaseEstimator's repr: the non-default values
+
+
+def test_centered_head_takes_its_head_positionally() -> None:
+    head = CenteredHead(KNNHead(k=3))
+    assert head.get_params(deep=False) == {"head": head.head}
+    assert clone(head).head.get_params() == {"k": 3, "temperature": KNNConfig.temperature}
+
+
+@pytest.mark.parametrize(
+    ("head", "key", "rule"),
+    [
+        (KNNHead(k=-5), "heads.knn.k", "≥ 1"),
+        (LogRegHead(c_grid=()), "heads.logreg.c_grid", "non-empty, each > 0"),
+        (PrototypeHead(temperature=0.0), "heads.prototype.temperature", "> 0"),
+        (LinearHead(batch_size=1), "heads.linear.batch_size", "≥ 2"),
+        (SpreadHead(alpha=1.0), "heads.spread.alpha", "in (0, 1)"),
+        (SelfTrainHead(criterion="best"), "heads.selftrain.criterion", "one of threshold, k_best"),
+        (SelfTrainHead(cv_folds=1), "heads.selftrain.cv_folds", "≥ 2"),
+        (CenteredHead(KNNHead(k=0)), "heads.knn.k", "≥ 1"),
+    ],
+    ids=["knn", "logreg", "prototype", "linear", "spread", "selftrain-criterion", "selftrain-cv", "knn+center"],
+)
+def test_a_head_made_in_python_fails_fit_on_its_config_rule(head, key: str, rule: str) -> None:
+    """The value rules live in the config sections only; a head checks its hyperparameters against them in fit."""
+    X, y = blobs(18, classes=2, shots=4)
+    with pytest.raises(ConfigValueError, match=re.escape(f"config key '{key}' must be {rule}")) as caught:
+        head.fit(X, y)
+    assert isinstance(caught.value, FewshotError)  # one line on the command line, like any user error

@@ -11,6 +11,7 @@ saved with the head, so ``predict`` centres new images on the same pool mean. Wr
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -18,31 +19,29 @@ from sklearn.base import clone
 from sklearn.preprocessing import normalize
 from sklearn.utils.validation import validate_data
 
-from fewshot.heads.io import Head, check_pool_labels
+from fewshot.heads.io import Head, check_labels
 
 SUFFIX = "+center"
 
 
+@dataclass(eq=False, repr=False)
 class CenteredHead(Head):
-    """``head`` on L2-normalised, pool-centred features; ``mean_`` (D,) is the pool mean."""
+    """``head`` on L2-normalised, pool-centred features; ``mean_`` (D,) is the pool mean.
+
+    ``head`` is its only hyperparameter (positional: ``CenteredHead(LogRegHead())``); the wrapped head checks its
+    own hyperparameters when it is fitted.
+    """
 
     name: ClassVar[str] = "center"
     uses_pool: ClassVar[bool] = True
 
-    def __init__(self, head: Head | None = None) -> None:
-        self.head = head
-
-    def check_params(self) -> None:
-        check = getattr(self.head, "check_params", None)
-        if check is not None:
-            check()
+    head: Head | None = None
 
     def fit(self, X: Any, y: Any) -> Self:
         if self.head is None:
             raise TypeError("CenteredHead needs a head to wrap, e.g. CenteredHead(LogRegHead())")
         X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        y = np.asarray(y, dtype=np.int64)
-        check_pool_labels(f"{self.head.name}{SUFFIX}", y)
+        y, _ = check_labels(f"{self.head.name}{SUFFIX}", y, pool=True)  # (N,) int64, -1 for the pool
         pool = y < 0
         self.mean_ = X[pool].mean(axis=0) if pool.any() else X.mean(axis=0)  # (D,)
         Z = self._transform(X)  # (N, D)

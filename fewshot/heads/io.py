@@ -8,10 +8,17 @@ and rebuilt, unfitted, before ``from_state``.
 
 Heads with ``uses_pool`` take the unlabeled pool in ``fit`` by scikit-learn's semi-supervised convention: pool rows
 carry the label -1.
+
+Each head declares its hyperparameters once, as dataclass fields whose defaults are its ``fewshot.config`` section's
+(``@dataclass(kw_only=True, eq=False, repr=False)``: the generated ``__init__`` only stores them, as scikit-learn's
+``get_params``/``clone`` expect; identity equality and hashing and BaseEstimator's repr are kept). Their value
+rules live in that section only (``Head.config``): ``fit`` checks a head's values by building the section from
+them, so a head made in Python fails as a bad recipe value would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +29,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fewshot.config_rules import ConfigValueError
 from fewshot.errors import FewshotError
 from fewshot.outputs import save_tensors, write_text
 
@@ -32,21 +40,32 @@ META_FILE = "head.json"
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    """Shared input checks and the persistence contract of every few-shot head."""
+    """Shared checks, ``predict`` and the persistence contract of every few-shot head."""
 
     name: ClassVar[str]  # registry key, written to head.json
     uses_pool: ClassVar[bool] = False  # fit takes support + pool rows, the pool labelled -1
+    config: ClassVar[type | None] = None  # the fewshot.config section that holds the hyperparameters' value rules
+    # A head whose learned state is just the rows and labels it was fitted on (k-NN's support; spread's support
+    # and pool) names their two state keys here, and from_state refits on them.
+    data_keys: ClassVar[tuple[str, str] | None] = None
+
+    def check_params(self) -> None:
+        """Raise :class:`ConfigValueError`, naming the key (``heads.knn.k``), for a hyperparameter outside the rules
+        of the head's config section; hyperparameters the section lacks (``random_state``) are not checked."""
+        if self.config is None:
+            return
+        fields = {f.name for f in dataclasses.fields(self.config)}
+        try:
+            self.config(**{k: v for k, v in self.get_params(deep=False).items() if k in fields})
+        except ConfigValueError as exc:
+            raise ConfigValueError(f"heads.{self.name}.{exc.key}", exc.value, exc.rule) from None
 
     def _validate_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Check ``X`` (N, D) float32 and ``y`` (N,) labels; set ``classes_`` and ``n_features_in_``."""
+        """Check the hyperparameters, ``X`` (N, D) float32 and ``y`` (N,) labels (int64 for a pool head, -1 for
+        the pool); set ``classes_`` (the labelled classes) and ``n_features_in_``. The first step of every fit."""
+        self.check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        check_classification_targets(y)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise FewshotError(
-                f"the {self.name} head needs labelled examples of at least 2 classes, got {len(self.classes_)}; "
-                "add images of another class"
-            )
+        y, self.classes_ = check_labels(self.name, y, pool=self.uses_pool)
         return X, y
 
     def _validate_predict(self, X: Any) -> np.ndarray:
@@ -60,24 +79,37 @@ class Head(ClassifierMixin, BaseEstimator):
             )
         return validate_data(self, X, dtype=np.float32, reset=False)
 
+    def predict(self, X: Any) -> np.ndarray:
+        """The class of the highest score: of ``decision_function`` where the head has one (the raw scores, whose
+        near-ties a softmax could round together), else of ``predict_proba``."""
+        scores = self.decision_function(X) if hasattr(self, "decision_function") else self.predict_proba(X)
+        return self.classes_[np.argmax(scores, axis=1)]  # (Q,)
+
     def to_state(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     @classmethod
     def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
-        raise NotImplementedError
+        if cls.data_keys is None:
+            raise NotImplementedError(f"{cls.__name__} has no data_keys; it must define from_state")
+        # Fitting such a head only keeps its rows and labels, so refitting on them rebuilds the identical head.
+        rows, labels = cls.data_keys
+        return cls(**params).fit(state[rows], state[labels])
 
 
-def check_pool_labels(name: str, y: np.ndarray) -> np.ndarray:
-    """The classes of a support + pool label vector (-1 = pool); at least 2 classes must be labelled."""
-    check_classification_targets(y)
-    classes = np.unique(y[np.asarray(y) >= 0])
+def check_labels(name: str, y: Any, pool: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``y`` (N,) and its labelled classes, of which there must be at least 2. With ``pool``, rows labelled -1 are
+    the unlabeled pool (scikit-learn's semi-supervised convention), not a class, and ``y`` is cast to int64."""
+    check_classification_targets(y)  # before the cast, which would hide continuous labels
+    if pool:
+        y = np.asarray(y, dtype=np.int64)  # (N,)
+    classes = np.unique(y[y >= 0] if pool else y)
     if len(classes) < 2:
         raise FewshotError(
             f"the {name} head needs labelled examples of at least 2 classes, got {len(classes)}; "
             "add images of another class"
         )
-    return classes
+    return y, classes
 
 
 def _params_to_json(head: Head) -> dict[str, Any]:

@@ -9,7 +9,7 @@ brute-force ``KNeighborsClassifier`` with the cosine metric: distance ``d = 1 - 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Self
 
@@ -25,6 +25,7 @@ def dino_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
     return np.exp((1.0 - distances) / temperature)  # (Q, k)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class KNNHead(Head):
     """DINO's weighted k-NN on cosine similarity.
 
@@ -39,10 +40,11 @@ class KNNHead(Head):
     """
 
     name: ClassVar[str] = "knn"
+    config: ClassVar[type] = KNNConfig
+    data_keys: ClassVar[tuple[str, str]] = ("support", "support_labels")  # k-NN's learned state is its support
 
-    def __init__(self, *, k: int = KNNConfig.k, temperature: float = KNNConfig.temperature) -> None:
-        self.k = k
-        self.temperature = temperature
+    k: int = KNNConfig.k
+    temperature: float = KNNConfig.temperature
 
     def fit(self, X: Any, y: Any) -> Self:
         X, y = self._validate_fit(X, y)
@@ -58,15 +60,9 @@ class KNNHead(Head):
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
+        # predict (Head's) is the argmax of these normalised votes: sklearn's own predict takes the argmax of the
+        # same votes, summed in another order, so on a near-tie it could disagree with the scores reported here
         return self.model_.predict_proba(self._validate_predict(X))  # (Q, C)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.model_.predict(self._validate_predict(X))  # (Q,)
 
     def to_state(self) -> dict[str, np.ndarray]:
         return {"support": self.support_, "support_labels": self.support_labels_}
-
-    @classmethod
-    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
-        # Fitting k-NN only stores the support set, so refitting on it rebuilds the identical head.
-        return cls(**params).fit(state["support"], state["support_labels"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 
 from fewshot.config import LinearConfig
-from fewshot.errors import FewshotError
 from fewshot.heads.io import Head
 
 WARMUP_FRACTION = 0.1
@@ -56,6 +56,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class LinearHead(Head):
     """BatchNorm (no affine) + linear layer trained with SGD, as MAE's linear probe; seeded.
 
@@ -70,30 +71,16 @@ class LinearHead(Head):
     """
 
     name: ClassVar[str] = "linear"
+    config: ClassVar[type] = LinearConfig
 
-    def __init__(
-        self,
-        *,
-        epochs: int = LinearConfig.epochs,
-        lr: float = LinearConfig.lr,
-        batch_size: int = LinearConfig.batch_size,
-        momentum: float = LinearConfig.momentum,
-        weight_decay: float = LinearConfig.weight_decay,
-        random_state: int = 0,
-    ) -> None:
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.random_state = random_state
+    epochs: int = LinearConfig.epochs
+    lr: float = LinearConfig.lr
+    batch_size: int = LinearConfig.batch_size
+    momentum: float = LinearConfig.momentum
+    weight_decay: float = LinearConfig.weight_decay
+    random_state: int = 0  # the episode's seed (make_head), not a config value
 
     def fit(self, X: Any, y: Any) -> Self:
-        if self.batch_size < 2 or self.epochs < 1:
-            raise FewshotError(
-                f"heads.linear needs batch_size >= 2 and epochs >= 1 (got {self.batch_size}, {self.epochs}); "
-                "fix the recipe or --set value"
-            )
         X, y = self._validate_fit(X, y)
         generator = torch.Generator().manual_seed(self.random_state)
         features = torch.from_numpy(X)  # (N, D)
@@ -123,6 +110,7 @@ class LinearHead(Head):
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
+        """The logits; ``predict`` (Head's) is their argmax."""
         features = torch.from_numpy(self._validate_predict(X))  # (Q, D)
         with torch.inference_mode(), _one_thread():
             return self.module_(features).numpy()  # (Q, C) logits
@@ -130,9 +118,6 @@ class LinearHead(Head):
     def predict_proba(self, X: Any) -> np.ndarray:
         logits = torch.from_numpy(self.decision_function(X))  # (Q, C)
         return torch.softmax(logits, dim=1).numpy()
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]  # (Q,)
 
     def to_state(self) -> dict[str, np.ndarray]:
         params = self.module_.state_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -23,7 +24,6 @@ from sklearn.preprocessing import Normalizer
 from threadpoolctl import threadpool_limits
 
 from fewshot.config import LogRegConfig
-from fewshot.errors import FewshotError
 from fewshot.heads.io import Head
 
 TOL = 1e-4  # lbfgs gradient tolerance (sklearn's default)
@@ -32,6 +32,7 @@ TOL = 1e-4  # lbfgs gradient tolerance (sklearn's default)
 BLAS_THREADS = 1
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class LogRegHead(Head):
     """Logistic regression on L2-normalised features.
 
@@ -48,23 +49,14 @@ class LogRegHead(Head):
     """
 
     name: ClassVar[str] = "logreg"
+    config: ClassVar[type] = LogRegConfig
 
-    def __init__(
-        self,
-        *,
-        c_grid: tuple[float, ...] = LogRegConfig.c_grid,
-        one_shot_c: float = LogRegConfig.one_shot_c,
-        cv_folds: int = LogRegConfig.cv_folds,
-        max_iter: int = LogRegConfig.max_iter,
-    ) -> None:
-        self.c_grid = c_grid
-        self.one_shot_c = one_shot_c
-        self.cv_folds = cv_folds
-        self.max_iter = max_iter
+    c_grid: tuple[float, ...] = LogRegConfig.c_grid
+    one_shot_c: float = LogRegConfig.one_shot_c
+    cv_folds: int = LogRegConfig.cv_folds
+    max_iter: int = LogRegConfig.max_iter
 
     def fit(self, X: Any, y: Any) -> Self:
-        if not self.c_grid:
-            raise FewshotError("heads.logreg.c_grid is empty; give at least one C, e.g. --set heads.logreg.c_grid=1")
         X, y = self._validate_fit(X, y)
         folds = min(self.cv_folds, int(np.bincount(np.searchsorted(self.classes_, y)).min()))
         classifier: LogisticRegression

@@ -13,6 +13,7 @@ supports where every feature is constant (e.g. one repeated image).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -23,6 +24,7 @@ from fewshot.config import PrototypeConfig
 from fewshot.heads.io import Head
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class PrototypeHead(Head):
     """Cosine nearest class mean (Snell et al. 2017).
 
@@ -36,9 +38,9 @@ class PrototypeHead(Head):
     """
 
     name: ClassVar[str] = "prototype"
+    config: ClassVar[type] = PrototypeConfig
 
-    def __init__(self, *, temperature: float = PrototypeConfig.temperature) -> None:
-        self.temperature = temperature
+    temperature: float = PrototypeConfig.temperature
 
     def fit(self, X: Any, y: Any) -> Self:
         X, y = self._validate_fit(X, y)
@@ -48,14 +50,11 @@ class PrototypeHead(Head):
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Cosine similarity of each feature to each class mean."""
+        """Cosine similarity of each feature to each class mean; ``predict`` (Head's) is its argmax."""
         return normalize(self._validate_predict(X)) @ self.centroids_.T  # (Q, C)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         return softmax(self.decision_function(X) / self.temperature, axis=1)  # (Q, C)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]  # (Q,)
 
     def to_state(self) -> dict[str, np.ndarray]:
         return {"centroids": self.centroids_, "classes": self.classes_}

@@ -11,18 +11,18 @@ logistic regression like ``logreg``'s: inductive, so ``predict`` scores new imag
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
 from sklearn.semi_supervised import SelfTrainingClassifier
-from sklearn.utils.validation import validate_data
 
 from fewshot.config import SelfTrainConfig
-from fewshot.errors import FewshotError
-from fewshot.heads.io import Head, check_pool_labels
+from fewshot.heads.io import Head
 from fewshot.heads.logreg import LogRegHead
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class SelfTrainHead(Head):
     """``logreg`` self-trained on the pool (sklearn's SelfTrainingClassifier).
 
@@ -39,44 +39,19 @@ class SelfTrainHead(Head):
 
     name: ClassVar[str] = "selftrain"
     uses_pool: ClassVar[bool] = True
+    config: ClassVar[type] = SelfTrainConfig
 
-    def __init__(
-        self,
-        *,
-        criterion: str = SelfTrainConfig.criterion,
-        threshold: float = SelfTrainConfig.threshold,
-        k_best: int = SelfTrainConfig.k_best,
-        max_iter: int = SelfTrainConfig.max_iter,
-        c_grid: tuple[float, ...] = SelfTrainConfig.c_grid,
-        one_shot_c: float = SelfTrainConfig.one_shot_c,
-        cv_folds: int = SelfTrainConfig.cv_folds,
-    ) -> None:
-        self.criterion = criterion
-        self.threshold = threshold
-        self.k_best = k_best
-        self.max_iter = max_iter
-        self.c_grid = c_grid
-        self.one_shot_c = one_shot_c
-        self.cv_folds = cv_folds
-
-    def check_params(self) -> None:
-        """One-line error for settings SelfTrainingClassifier would reject (called by fit and, early, by evaluate)."""
-        if (
-            self.criterion not in ("threshold", "k_best")
-            or not 0 <= self.threshold < 1
-            or min(self.k_best, self.max_iter) < 1
-        ):
-            raise FewshotError(
-                f"heads.selftrain needs criterion threshold or k_best, 0 <= threshold < 1, k_best >= 1 and max_iter "
-                f">= 1 (got {self.criterion}, {self.threshold}, {self.k_best}, {self.max_iter}); fix the recipe or "
-                "--set value"
-            )
+    criterion: str = SelfTrainConfig.criterion
+    threshold: float = SelfTrainConfig.threshold
+    k_best: int = SelfTrainConfig.k_best
+    max_iter: int = SelfTrainConfig.max_iter
+    # how C is chosen on the support: logreg's hyperparameters, with its defaults, set as heads.selftrain.c_grid, ...
+    c_grid: tuple[float, ...] = SelfTrainConfig.c_grid
+    one_shot_c: float = SelfTrainConfig.one_shot_c
+    cv_folds: int = SelfTrainConfig.cv_folds
 
     def fit(self, X: Any, y: Any) -> Self:
-        self.check_params()
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        y = np.asarray(y, dtype=np.int64)
-        self.classes_ = check_pool_labels(self.name, y)
+        X, y = self._validate_fit(X, y)  # y: (N,) int64, -1 for the pool
         labelled = y >= 0
         support = LogRegHead(c_grid=self.c_grid, one_shot_c=self.one_shot_c, cv_folds=self.cv_folds)
         support.fit(X[labelled], y[labelled])

@@ -14,21 +14,20 @@ image therefore depend on the batch it is scored with: score a batch from one di
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import normalize
 from sklearn.semi_supervised import LabelSpreading
-from sklearn.utils.validation import validate_data
 from threadpoolctl import threadpool_limits
 
 from fewshot.config import SpreadConfig
-from fewshot.errors import FewshotError
-from fewshot.heads.io import Head, check_pool_labels
+from fewshot.heads.io import Head
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class SpreadHead(Head):
     """Label spreading (Zhou et al. 2004) over support + pool + scored images: transductive.
 
@@ -46,34 +45,18 @@ class SpreadHead(Head):
 
     name: ClassVar[str] = "spread"
     uses_pool: ClassVar[bool] = True
+    config: ClassVar[type] = SpreadConfig
+    data_keys: ClassVar[tuple[str, str]] = ("pool", "pool_labels")  # fitting only keeps the support and pool
 
-    def __init__(
-        self,
-        *,
-        k: int = SpreadConfig.k,
-        alpha: float = SpreadConfig.alpha,
-        max_iter: int = SpreadConfig.max_iter,
-        tol: float = SpreadConfig.tol,
-    ) -> None:
-        self.k = k
-        self.alpha = alpha
-        self.max_iter = max_iter
-        self.tol = tol
-
-    def check_params(self) -> None:
-        """One-line error for hyperparameters LabelSpreading would reject (called by fit and, early, by evaluate)."""
-        if self.k < 1 or not 0 < self.alpha < 1 or self.max_iter < 1 or self.tol < 0:
-            raise FewshotError(
-                f"heads.spread needs k >= 1, 0 < alpha < 1, max_iter >= 1 and tol >= 0 (got k={self.k}, "
-                f"alpha={self.alpha}, max_iter={self.max_iter}, tol={self.tol}); fix the recipe or --set value"
-            )
+    k: int = SpreadConfig.k
+    alpha: float = SpreadConfig.alpha
+    max_iter: int = SpreadConfig.max_iter
+    tol: float = SpreadConfig.tol
 
     def fit(self, X: Any, y: Any) -> Self:
-        self.check_params()
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        self.classes_ = check_pool_labels(self.name, y)
+        X, y = self._validate_fit(X, y)
         self.pool_ = X  # (N, D) support rows and pool rows
-        self.pool_labels_ = np.asarray(y, dtype=np.int64)  # (N,) -1 for the pool
+        self.pool_labels_ = y  # (N,) -1 for the pool
         return self
 
     def spread(self, X: np.ndarray) -> np.ndarray:
@@ -93,15 +76,7 @@ class SpreadHead(Head):
         return model.label_distributions_[len(self.pool_) :]  # (Q, C), columns ordered as classes_
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        return self.spread(self._validate_predict(X))  # (Q, C)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]  # (Q,)
+        return self.spread(self._validate_predict(X))  # (Q, C); predict (Head's) is its argmax
 
     def to_state(self) -> dict[str, np.ndarray]:
         return {"pool": self.pool_, "pool_labels": self.pool_labels_}
-
-    @classmethod
-    def from_state(cls, params: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Self:
-        # Fitting only keeps the support and pool, so refitting on them rebuilds the identical head.
-        return cls(**params).fit(state["pool"], state["pool_labels"])
