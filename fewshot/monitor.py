@@ -17,6 +17,7 @@ Each call only runs the forward passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ def knn_vote(
     return preds
 
 
+@dataclass
 class KnnMonitor:
     """k-NN top-1 accuracy of a backbone on labelled images held in memory: leave-one-out on one set, or a second
     set scored against the first.
@@ -71,27 +73,17 @@ class KnnMonitor:
     say): unreadable images skipped, or ``k`` lowered because the set is small.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        classes: Sequence[str],
-        mean: Sequence[float],
-        std: Sequence[float],
-        k: int = 20,
-        temperature: float = 0.07,
-        pool: str = "cls",
-        batch_size: int = 128,
-        note: str = "",
-        test: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        self.images = images  # (N, 3, S, S) uint8, on the CPU
-        self.labels = labels  # (N,) int64
-        self.classes = list(classes)
-        self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        self.k, self.temperature, self.pool, self.batch_size, self.note = k, temperature, pool, batch_size, note
-        self.test = test  # (M, 3, S, S) uint8 and (M,) labels in this set's class indices, or None: leave-one-out
+    images: torch.Tensor  # (N, 3, S, S) uint8, on the CPU
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    mean: tuple[float, ...]  # the backbone's normalisation
+    std: tuple[float, ...]
+    k: int = 20
+    temperature: float = 0.07
+    pool: str = "cls"
+    batch_size: int = 128
+    note: str = ""
+    test: tuple[torch.Tensor, torch.Tensor] | None = None  # (M, 3, S, S) uint8 and (M,) labels, or None: leave-one-out
 
     @classmethod
     def from_source(
@@ -100,14 +92,15 @@ class KnnMonitor:
         img_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        *,
+        test: str | None = None,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        progress: bool = True,
         k: int = 20,
         temperature: float = 0.07,
         pool: str = "cls",
         batch_size: int = 128,
-        progress: bool = True,
-        crop_pct: float = 1.0,
-        interpolation: str = "bicubic",
-        test: str | None = None,
     ) -> KnnMonitor:
         """Open the labelled ``source`` (anything :func:`fewshot.sources.open_source` accepts with labels) and
         decode its labelled images once at ``img_size`` (``crop_pct``, ``interpolation``: the eval transform);
@@ -142,7 +135,7 @@ class KnnMonitor:
             notes.append(f"k lowered from {k} to {most} (only {len(labels)} images)")
             k = most
         note = f"k-NN monitor on {source}: " + "; ".join(notes) if notes else ""
-        return cls(store, labels, classes, mean, std, k, temperature, pool, batch_size, note, held_out)
+        return cls(store, labels, classes, tuple(mean), tuple(std), k, temperature, pool, batch_size, note, held_out)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -172,7 +165,8 @@ class KnnMonitor:
     def _embed(self, backbone: torch.nn.Module, images: torch.Tensor, device: torch.device, bf16: bool) -> torch.Tensor:
         from fewshot.pooling import embed
 
-        mean, std = self.mean.to(device), self.std.to(device)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
         chunks = []
         for start in range(0, images.shape[0], self.batch_size):
             x = images[start : start + self.batch_size].to(device, non_blocking=True)  # (B, 3, S, S) uint8
