@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fewshot.pretrain_config import PretrainConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 R32P4 = ("img_size=32", "patch_size=4")  # the sweep's MAE reference point: 64 tokens at 32 px
@@ -48,12 +52,13 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def config(name: str) -> object:
+def config(name: str) -> PretrainConfig:
     """The PretrainConfig of a variant, resolved as `fewshot pretrain --recipe FILE --set pretrain.KEY=V` would."""
     from fewshot.config import build_config
+    from fewshot.inits import resolve_pretrain
 
     recipe, sets = VARIANTS[name]
-    return build_config(RECIPES / recipe, [f"pretrain.{s}" for s in sets]).pretrain
+    return resolve_pretrain(build_config(RECIPES / recipe, [f"pretrain.{s}" for s in sets]).pretrain)[0]
 
 
 def main() -> None:

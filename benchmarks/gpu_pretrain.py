@@ -20,8 +20,12 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fewshot.pretrain_config import PretrainConfig
 
 # the paper's ViT-S/16 recipe; --smoke swaps in a tiny CPU one
 SETUP = {"model": "vit_small_patch16_224", "img_size": 224, "patch_size": None, "depth": None, "store": 256,
@@ -48,14 +52,18 @@ def bf16_peak() -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
 
 
-def config(batch: int, steps: int, compile_: bool) -> object:
+def config(batch: int, steps: int, compile_: bool) -> PretrainConfig:
+    """The run's PretrainConfig, resolved as `fewshot pretrain` resolves it (the method's optimiser, ImageNet's
+    normalisation)."""
+    from fewshot.inits import resolve_pretrain
     from fewshot.pretrain_config import DinoConfig, PretrainConfig
 
     s = SETUP
     dino = DinoConfig(local_crops=s["locals"], local_crop_size=s["local_size"], out_dim=s["out_dim"])
-    return PretrainConfig(model=s["model"], img_size=s["img_size"], patch_size=s["patch_size"], depth=s["depth"],
-                          batch_size=batch, steps=steps, device=s["device"], compile=compile_, log_every=5,
-                          checkpoint_every=10**6, dino=dino)  # fmt: skip
+    cfg = PretrainConfig(model=s["model"], img_size=s["img_size"], patch_size=s["patch_size"], depth=s["depth"],
+                         batch_size=batch, steps=steps, device=s["device"], compile=compile_, log_every=5,
+                         checkpoint_every=10**6, dino=dino)  # fmt: skip
+    return resolve_pretrain(cfg)[0]
 
 
 def model_only(batch: int, steps: int, compile_: bool) -> tuple[float, float]:
@@ -68,10 +76,10 @@ def model_only(batch: int, steps: int, compile_: bool) -> tuple[float, float]:
 
     cfg = config(batch, steps, compile_)
     device = torch.device(str(SETUP["device"]))
-    method = DINO(cfg, RunPlan(batch * 100, batch, 100, 100 * steps)).to(device)  # type: ignore[arg-type]
+    method = DINO(cfg, RunPlan(batch * 100, batch, 100, 100 * steps)).to(device)
     if compile_:
         method.compile_blocks()
-    opt = build_optimizer(method, cfg)  # type: ignore[arg-type]
+    opt = build_optimizer(method, cfg)
     params = [p for g in opt.param_groups for p in g["params"]]
     side = int(SETUP["store"])  # type: ignore[call-overload]
     images = torch.randint(0, 255, (batch, 3, side, side), dtype=torch.uint8, device=device)

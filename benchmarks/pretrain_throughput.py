@@ -16,8 +16,12 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fewshot.pretrain_config import PretrainConfig
 
 IMG, PATCH, DEPTH, LOCALS, LOCAL_SIZE, BATCH, OUT_DIM = 64, 8, 4, 4, 24, 64, 4096
 VIT = dict(img_size=IMG, patch_size=PATCH, depth=DEPTH)
@@ -68,14 +72,17 @@ def ours(steps: int, compile_: bool = False) -> tuple[float, float, object]:
     return _rate(step, steps), flops, method
 
 
-def _config(steps: int) -> object:
+def _config(steps: int) -> PretrainConfig:
+    """Resolved as `fewshot pretrain` resolves it (the method's optimiser, ImageNet's normalisation)."""
+    from fewshot.inits import resolve_pretrain
     from fewshot.pretrain_config import DinoConfig, PretrainConfig
 
     dino = DinoConfig(
         local_crops=LOCALS, local_crop_size=LOCAL_SIZE, hidden_dim=512, bottleneck_dim=128, out_dim=OUT_DIM
     )
-    return PretrainConfig(model="vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH, dino=dino,
-                          batch_size=BATCH, steps=steps, log_every=1, device="cpu")  # fmt: skip
+    cfg = PretrainConfig(model="vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH, dino=dino,
+                         batch_size=BATCH, steps=steps, log_every=1, device="cpu")  # fmt: skip
+    return resolve_pretrain(cfg)[0]
 
 
 def lightly_model_only(steps: int) -> float:
