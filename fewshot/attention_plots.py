@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
+    from fewshot.attention import AttentionMaps
     from fewshot.pca_maps import PCAMaps
 
 TILE = 160  # longest side of a panel in the per-image grids, pixels
@@ -101,7 +102,7 @@ def _clip(text: str, width: int, font: Any) -> str:
     return text
 
 
-def attention_grid(img: Image.Image, maps: Any, tile: int = TILE) -> Image.Image:
+def attention_grid(img: Image.Image, maps: AttentionMaps, tile: int = TILE) -> Image.Image:
     """image | head 0..h-1 | mean | mask overlay, for one :class:`fewshot.attention.AttentionMaps`."""
     size = _fit(img.size, tile)
     shown = img.resize(size, Image.Resampling.BILINEAR)

@@ -32,6 +32,8 @@ from fewshot.start_point import StartPoint
 
 if TYPE_CHECKING:
     import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
 
     from fewshot.image_store import ImageStore
     from fewshot.methods.base import Method, RunPlan
@@ -169,7 +171,7 @@ class TrainingLoop:
         batch = self.method.augment(images, gen, self.rows, cfg.batch_size, sizes)
         return optimise(self.model, self.method, self.opt, self.params, batch, step, self.clip_grad, self.autocast)
 
-    def _log(self, step: int, tally: _Tally, bar: Any) -> None:
+    def _log(self, step: int, tally: _Tally, bar: tqdm) -> None:
         """A log step: the means since the last one (over the ranks) to metrics.jsonl, TensorBoard and the bar."""
         now, done = time.perf_counter(), step + 1
         self.logs = self._mean_logs(tally.acc, tally.n)
@@ -317,7 +319,7 @@ def _has_batchnorm(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _tensorboard(folder: Path) -> Any:
+def _tensorboard(folder: Path) -> SummaryWriter | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -16,13 +16,18 @@ Each call only runs the forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from fewshot.errors import FewshotError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from fewshot.sources import ImageSet
 
 
 def knn_vote(
@@ -176,7 +181,7 @@ class KnnMonitor:
         return torch.cat(chunks)  # (N, D)
 
 
-def _decoder(img_size: int, crop_pct: float, interpolation: str) -> Any:
+def _decoder(img_size: int, crop_pct: float, interpolation: str) -> Callable[[Image.Image], torch.Tensor]:
     """timm's eval transform without its normalisation: PIL image -> (3, S, S) uint8."""
     import timm.data
 
@@ -186,7 +191,9 @@ def _decoder(img_size: int, crop_pct: float, interpolation: str) -> Any:
     )  # fmt: skip
 
 
-def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torch.Tensor, torch.Tensor, list, int]:
+def _labelled(
+    source: str, decode: Callable[[Image.Image], torch.Tensor], progress: bool, flag: str
+) -> tuple[torch.Tensor, torch.Tensor, list, int]:
     """The labelled images of ``source`` decoded once: ``(N, 3, S, S)`` uint8, labels (N,), classes, #skipped."""
     from fewshot.images import UnreadableImage
     from fewshot.progress import bar as progress_bar
@@ -215,7 +222,7 @@ def _labelled(source: str, decode: Any, progress: bool, flag: str) -> tuple[torc
 class _Labeled:
     """The labelled records of an ImageSet (a CSV may leave some unlabelled)."""
 
-    def __init__(self, images: Any) -> None:
+    def __init__(self, images: ImageSet) -> None:
         self.images = images
         self.index = [i for i, r in enumerate(images.records) if r.label >= 0]  # a CSV may leave some unlabelled
         self.records = [images.records[i] for i in self.index]
@@ -223,5 +230,5 @@ class _Labeled:
     def __len__(self) -> int:
         return len(self.index)
 
-    def load(self, i: int) -> Any:
+    def load(self, i: int) -> Image.Image:
         return self.images.load(self.index[i])

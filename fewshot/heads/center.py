@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import clone
 from sklearn.preprocessing import normalize
 from sklearn.utils.validation import validate_data
@@ -37,26 +38,26 @@ class CenteredHead(Head):
 
     head: Head | None = None
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         if self.head is None:
             raise TypeError("CenteredHead needs a head to wrap, e.g. CenteredHead(LogRegHead())")
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        y, _ = check_labels(f"{self.head.name}{SUFFIX}", y, pool=True)  # (N,) int64, -1 for the pool
-        pool = y < 0
-        self.mean_ = X[pool].mean(axis=0) if pool.any() else X.mean(axis=0)  # (D,)
-        Z = self._transform(X)  # (N, D)
+        features, given = validate_data(self, X, y, dtype=np.float32, reset=True)  # (N, D), (N,)
+        labels, _ = check_labels(f"{self.head.name}{SUFFIX}", given, pool=True)  # (N,) int64, -1 for the pool
+        pool = labels < 0
+        self.mean_ = features[pool].mean(axis=0) if pool.any() else features.mean(axis=0)  # (D,)
+        Z = self._transform(features)  # (N, D)
         inner = clone(self.head)
-        self.head_ = inner.fit(Z, y) if inner.uses_pool else inner.fit(Z[~pool], y[~pool])
+        self.head_ = inner.fit(Z, labels) if inner.uses_pool else inner.fit(Z[~pool], labels[~pool])
         self.classes_ = self.head_.classes_
         return self
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         return normalize(X - self.mean_).astype(np.float32)  # (N, D)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         return self.head_.predict_proba(self._transform(self._validate_predict(X)))  # (Q, C)
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: ArrayLike) -> np.ndarray:
         return self.head_.predict(self._transform(self._validate_predict(X)))  # (Q,)
 
     def to_state(self) -> dict[str, np.ndarray]:

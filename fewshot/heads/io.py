@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -60,15 +61,15 @@ class Head(ClassifierMixin, BaseEstimator):
         except ConfigValueError as exc:
             raise ConfigValueError(f"heads.{self.name}.{exc.key}", exc.value, exc.rule) from None
 
-    def _validate_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _validate_fit(self, X: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Check the hyperparameters, ``X`` (N, D) float32 and ``y`` (N,) labels (int64 for a pool head, -1 for
         the pool); set ``classes_`` (the labelled classes) and ``n_features_in_``. The first step of every fit."""
         self.check_params()
-        X, y = validate_data(self, X, y, dtype=np.float32, reset=True)
-        y, self.classes_ = check_labels(self.name, y, pool=self.uses_pool)
-        return X, y
+        features, given = validate_data(self, X, y, dtype=np.float32, reset=True)  # (N, D), (N,)
+        labels, self.classes_ = check_labels(self.name, given, pool=self.uses_pool)  # (N,)
+        return features, labels
 
-    def _validate_predict(self, X: Any) -> np.ndarray:
+    def _validate_predict(self, X: ArrayLike) -> np.ndarray:
         """Check ``X`` against the fitted head; a feature-size mismatch is a user error (wrong backbone/pool)."""
         check_is_fitted(self)
         n_features = np.shape(X)[-1] if np.ndim(X) == 2 else None
@@ -79,7 +80,7 @@ class Head(ClassifierMixin, BaseEstimator):
             )
         return validate_data(self, X, dtype=np.float32, reset=False)
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """The class of the highest score: of ``decision_function`` where the head has one (the raw scores, whose
         near-ties a softmax could round together), else of ``predict_proba``."""
         scores = self.decision_function(X) if hasattr(self, "decision_function") else self.predict_proba(X)
@@ -97,19 +98,18 @@ class Head(ClassifierMixin, BaseEstimator):
         return cls(**params).fit(state[rows], state[labels])
 
 
-def check_labels(name: str, y: Any, pool: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def check_labels(name: str, y: ArrayLike, pool: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``y`` (N,) and its labelled classes, of which there must be at least 2. With ``pool``, rows labelled -1 are
     the unlabeled pool (scikit-learn's semi-supervised convention), not a class, and ``y`` is cast to int64."""
     check_classification_targets(y)  # before the cast, which would hide continuous labels
-    if pool:
-        y = np.asarray(y, dtype=np.int64)  # (N,)
-    classes = np.unique(y[y >= 0] if pool else y)
+    labels = np.asarray(y, dtype=np.int64) if pool else np.asarray(y)  # (N,)
+    classes = np.unique(labels[labels >= 0] if pool else labels)
     if len(classes) < 2:
         raise FewshotError(
             f"the {name} head needs labelled examples of at least 2 classes, got {len(classes)}; "
             "add images of another class"
         )
-    return y, classes
+    return labels, classes
 
 
 def _params_to_json(head: Head) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Self
+from typing import ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.neighbors import KNeighborsClassifier
 
 from fewshot.config import KNNConfig
@@ -46,7 +47,7 @@ class KNNHead(Head):
     k: int = KNNConfig.k
     temperature: float = KNNConfig.temperature
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)
         self.n_neighbors_ = min(self.k, len(X))
         self.support_ = X  # (N, D) kept for saving: k-NN's learned state is the support set itself
@@ -59,7 +60,7 @@ class KNNHead(Head):
         ).fit(X, y)
         return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         # predict (Head's) is the argmax of these normalised votes: sklearn's own predict takes the argmax of the
         # same votes, summed in another order, so on a near-tie it could disagree with the scores reported here
         return self.model_.predict_proba(self._validate_predict(X))  # (Q, C)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from fewshot.config import LinearConfig
@@ -80,7 +81,7 @@ class LinearHead(Head):
     weight_decay: float = LinearConfig.weight_decay
     random_state: int = 0  # the episode's seed (make_head), not a config value
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)
         generator = torch.Generator().manual_seed(self.random_state)
         features = torch.from_numpy(X)  # (N, D)
@@ -109,13 +110,13 @@ class LinearHead(Head):
         self.final_loss_ = float(loss.detach())
         return self
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         """The logits; ``predict`` (Head's) is their argmax."""
         features = torch.from_numpy(self._validate_predict(X))  # (Q, D)
         with torch.inference_mode(), _one_thread():
             return self.module_(features).numpy()  # (Q, C) logits
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         logits = torch.from_numpy(self.decision_function(X))  # (Q, C)
         return torch.softmax(logits, dim=1).numpy()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
@@ -56,7 +57,7 @@ class LogRegHead(Head):
     cv_folds: int = LogRegConfig.cv_folds
     max_iter: int = LogRegConfig.max_iter
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)
         folds = min(self.cv_folds, int(np.bincount(np.searchsorted(self.classes_, y)).min()))
         classifier: LogisticRegression
@@ -86,12 +87,12 @@ class LogRegHead(Head):
         self.C_ = float(classifier.C_ if isinstance(classifier, LogisticRegressionCV) else classifier.C)
         return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         X = self._validate_predict(X)
         with threadpool_limits(BLAS_THREADS, user_api="blas"):
             return self.model_.predict_proba(X)  # (Q, C)
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: ArrayLike) -> np.ndarray:
         X = self._validate_predict(X)
         with threadpool_limits(BLAS_THREADS, user_api="blas"):
             return self.model_.predict(X)  # (Q,)

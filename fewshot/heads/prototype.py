@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import softmax
 from sklearn.preprocessing import normalize
 
@@ -42,18 +43,18 @@ class PrototypeHead(Head):
 
     temperature: float = PrototypeConfig.temperature
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)
         unit = normalize(X)  # (N, D)
         means = np.stack([unit[y == c].mean(axis=0) for c in self.classes_])  # (C, D), rows ordered as classes_
         self.centroids_ = normalize(means)  # unit class means
         return self
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         """Cosine similarity of each feature to each class mean; ``predict`` (Head's) is its argmax."""
         return normalize(self._validate_predict(X)) @ self.centroids_.T  # (Q, C)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         return softmax(self.decision_function(X) / self.temperature, axis=1)  # (Q, C)
 
     def to_state(self) -> dict[str, np.ndarray]:

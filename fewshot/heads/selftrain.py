@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.semi_supervised import SelfTrainingClassifier
 
 from fewshot.config import SelfTrainConfig
@@ -50,7 +51,7 @@ class SelfTrainHead(Head):
     one_shot_c: float = SelfTrainConfig.one_shot_c
     cv_folds: int = SelfTrainConfig.cv_folds
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)  # y: (N,) int64, -1 for the pool
         labelled = y >= 0
         support = LogRegHead(c_grid=self.c_grid, one_shot_c=self.one_shot_c, cv_folds=self.cv_folds)
@@ -71,10 +72,10 @@ class SelfTrainHead(Head):
         self.pseudo_labelled_ = int(((model.labeled_iter_ > 0) & ~labelled).sum())
         return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         return self.logreg_.predict_proba(self._validate_predict(X))  # (Q, C)
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: ArrayLike) -> np.ndarray:
         return self.logreg_.predict(self._validate_predict(X))  # (Q,)
 
     def to_state(self) -> dict[str, np.ndarray]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import ClassVar, Self
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import normalize
 from sklearn.semi_supervised import LabelSpreading
@@ -53,7 +54,7 @@ class SpreadHead(Head):
     max_iter: int = SpreadConfig.max_iter
     tol: float = SpreadConfig.tol
 
-    def fit(self, X: Any, y: Any) -> Self:
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         X, y = self._validate_fit(X, y)
         self.pool_ = X  # (N, D) support rows and pool rows
         self.pool_labels_ = y  # (N,) -1 for the pool
@@ -75,7 +76,7 @@ class SpreadHead(Head):
             model.fit(stacked, labels)
         return model.label_distributions_[len(self.pool_) :]  # (Q, C), columns ordered as classes_
 
-    def predict_proba(self, X: Any) -> np.ndarray:
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         return self.spread(self._validate_predict(X))  # (Q, C); predict (Head's) is its argmax
 
     def to_state(self) -> dict[str, np.ndarray]:
