@@ -367,48 +367,15 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("--classes N",),
     ),
     "spread with no neighbours": (
-        lambda t: [
-            "evaluate",
-            *_pair(t),
-            "-b",
-            "pixels:4",
-            "--heads",
-            "spread",
-            "-s",
-            "heads.spread.k=0",
-            "-o",
-            t / "e",
-        ],
+        lambda t: _head_setting(t, "spread", "heads.spread.k=0"),
         ("config key 'heads.spread.k' must be ≥ 1, got 0",),
     ),
     "selftrain threshold above 1": (
-        lambda t: [
-            "evaluate",
-            *_pair(t),
-            "-b",
-            "pixels:4",
-            "--heads",
-            "selftrain",
-            "-s",
-            "heads.selftrain.threshold=2",
-            "-o",
-            t / "e",
-        ],
+        lambda t: _head_setting(t, "selftrain", "heads.selftrain.threshold=2"),
         ("config key 'heads.selftrain.threshold' must be in [0, 1), got 2.0",),
     ),
     "spread alpha outside (0, 1)": (
-        lambda t: [
-            "evaluate",
-            *_pair(t),
-            "-b",
-            "pixels:4",
-            "--heads",
-            "spread",
-            "-s",
-            "heads.spread.alpha=1.5",
-            "-o",
-            t / "e",
-        ],
+        lambda t: _head_setting(t, "spread", "heads.spread.alpha=1.5"),
         ("config key 'heads.spread.alpha' must be in (0, 1), got 1.5",),
     ),
     "select --out an existing file": (
@@ -458,6 +425,11 @@ def _feats(t: Path) -> Path:
 
 def _pair(t: Path) -> list[Path]:
     return [labelled(t / "tr", {"a": 3, "b": 3}), labelled(t / "te", {"a": 2, "b": 2}, offset=50)]
+
+
+def _head_setting(t: Path, head: str, setting: str) -> list:
+    """evaluate with one head and one --set value of it."""
+    return ["evaluate", *_pair(t), "-b", "pixels:4", "--heads", head, "-s", setting, "-o", t / "e"]
 
 
 def _write(path: Path, data: bytes) -> Path:
