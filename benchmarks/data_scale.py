@@ -220,15 +220,16 @@ import torch, timm; lap("import torch and timm")
 import fewshot.train as T
 from fewshot.config import build_config
 from fewshot.image_store import Batches, open_store
+from fewshot.inits import resolve_pretrain
 from fewshot.sources import open_source
 lap("import fewshot")
 sets = ["pretrain.mae.decoder_dim=64", "pretrain.mae.decoder_heads=4", "pretrain.mae.decoder_depth=1",
         "pretrain.data.memory_gb=0"]
 flags = {{"pretrain.method": "mae", "pretrain.model": "vit_tiny_patch16_224", "pretrain.img_size": {img},
          "pretrain.patch_size": 8, "pretrain.depth": 2, "pretrain.batch_size": {batch}, "pretrain.steps": 10}}
-cfg = build_config(None, sets, flags).pretrain
+cfg, init = resolve_pretrain(build_config(None, sets, flags).pretrain)  # as pretrain resolves it
 images = open_source({str(data)!r}); lap("list and fingerprint the folder")
-plan = T._plan(cfg, len(images)); method = T._build(cfg, plan); lap("build the model")
+plan = T._plan(cfg, len(images)); method = T._build(cfg, plan, init); lap("build the model")
 store, cached = open_store(images, cfg); assert not cached.built; lap("open the cache")
 store = store.place(torch.device("cpu"), 0.0)
 images_, sizes = Batches(store, {batch}, slice(None), 0, plan.steps_per_epoch, 10, torch.device("cpu"))(0)
