@@ -195,15 +195,15 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("no 'path' column",),
     ),
     "missing run folder": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", t / "runs" / "nope", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", t / "runs" / "nope"),
         ("not a file, a run folder or a timm model",),
     ),
     "run folder without weights": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", (t / "run").mkdir() or t / "run", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", (t / "run").mkdir() or t / "run"),
         ("no backbone.safetensors",),
     ),
     "weights of the wrong architecture": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", _tiny_weights(t) + ",embed_dim=96", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", _tiny_weights(t) + ",embed_dim=96"),
         ("do not fit this architecture",),
     ),
     "pickle that runs code": (
@@ -235,22 +235,15 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("--img-size 30 is not a multiple of vit_tiny_patch16_224's patch size 16",),
     ),
     "extract --batch-size 0": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "--batch-size", "0", "-o", _feats(t)],
+        lambda t: _extract(t, "--batch-size", "0"),
         ("--batch-size must be ≥ 1, got 0",),
     ),
     "extract --batch-size -4": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "--batch-size", "-4", "-o", _feats(t)],
+        lambda t: _extract(t, "--batch-size", "-4"),
         ("--batch-size must be ≥ 1, got -4",),
     ),
     "a text file named .pth": (
-        lambda t: [
-            "extract",
-            labelled(t / "d", {"a": 1}),
-            "-b",
-            _text_pth(t) + ":arch=vit_tiny_patch16_224",
-            "-o",
-            _feats(t),
-        ],
+        lambda t: _extract(t, "-b", _text_pth(t) + ":arch=vit_tiny_patch16_224"),
         ("is not a PyTorch checkpoint",),
     ),
     "a text file named .pth as --init": (
@@ -258,19 +251,19 @@ CASES: dict[str, tuple[Callable[[Path], list[object]], tuple[str, ...]]] = {
         ("is not a PyTorch checkpoint",),
     ),
     "pool last4 on a CNN": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", "resnet10t", "--pool", "last4", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", "resnet10t", "--pool", "last4"),
         ("needs a ViT with a class token and blocks; use --pool avg",),
     ),
     "pool last0": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "--pool", "last0", "-o", _feats(t)],
+        lambda t: _extract(t, "--pool", "last0"),
         ("--pool must be cls, avg, cls+avg or lastN with N ≥ 1",),
     ),
     "pixels with a word for a size": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", "pixels:abc", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", "pixels:abc"),
         ("pixels takes only a size in pixels",),
     ),
     "a timm option without a value": (
-        lambda t: ["extract", labelled(t / "d", {"a": 1}), "-b", "vit_tiny_patch16_224:img_size", "-o", _feats(t)],
+        lambda t: _extract(t, "-b", "vit_tiny_patch16_224:img_size"),
         ("options after ':' must be key=value pairs",),
     ),
     "a recipe that is a folder": (
@@ -417,6 +410,10 @@ def _stray(t: Path) -> Path:
 
 def _text_pth(t: Path) -> str:
     return str(_write(t / "notes.pth", b"hello, these are my notes\n"))
+
+
+def _extract(t: Path, *extra: object) -> list[object]:
+    return ["extract", labelled(t / "d", {"a": 1}), *extra, "-o", _feats(t)]
 
 
 def _feats(t: Path) -> Path:
